@@ -1,0 +1,72 @@
+"""Plain-PyTorch building blocks shared by the eager and sdpa backends (and the float64 reference).
+
+Everything here is vectorised over the batch and free of host syncs, so the same code serves ragged batches on any
+device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def visible_keys_mask(len_q: torch.Tensor, len_k: torch.Tensor, max_q: int, max_k: int, causal: bool) -> torch.Tensor:
+    """Boolean mask (B, max_q, max_k): query i of row b sees key j.
+
+    Row b has ``len_q[b]`` queries and ``len_k[b]`` keys; causal masks are aligned bottom-right, so query i sees key
+    j <= i + len_k[b] - len_q[b]. Padding queries (i >= len_q[b]) see nothing.
+    """
+    device = len_q.device
+    i = torch.arange(max_q, device=device).view(1, max_q, 1)  # (1, Mq, 1)
+    j = torch.arange(max_k, device=device).view(1, 1, max_k)  # (1, 1, Mk)
+    lq = len_q.view(-1, 1, 1).to(torch.int64)  # (B, 1, 1)
+    lk = len_k.view(-1, 1, 1).to(torch.int64)
+    mask = (j < lk) & (i < lq)
+    if causal:
+        mask = mask & (j <= i + lk - lq)
+    return mask
+
+
+def dense_mask(seqlen_q: int, seqlen_k: int, causal: bool, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask (Sq, Sk) for dense attention, or None when every query sees every key."""
+    if not causal:
+        return None
+    i = torch.arange(seqlen_q, device=device).view(-1, 1)
+    j = torch.arange(seqlen_k, device=device).view(1, -1)
+    return j <= i + (seqlen_k - seqlen_q)
+
+
+def varlen_to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    """Packed (total, H, D) -> padded (B, max_seqlen, H, D); pad slots hold arbitrary rows of x (mask them)."""
+    total = x.shape[0]
+    starts = cu_seqlens[:-1].to(torch.int64).view(-1, 1)  # (B, 1)
+    idx = starts + torch.arange(max_seqlen, device=x.device).view(1, -1)  # (B, M)
+    idx = idx.clamp(max=max(total - 1, 0))
+    if total == 0:
+        return x.new_zeros((idx.shape[0], max_seqlen) + tuple(x.shape[1:]))
+    return x[idx]  # (B, M, H, D)
+
+
+def padded_to_varlen(y: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Padded (B, M, H, D) -> packed (total, H, D), taking row i of sequence b for packed token cu_seqlens[b] + i."""
+    t = torch.arange(total, device=y.device)
+    b = torch.searchsorted(cu_seqlens[1:].to(torch.int64), t, right=True)  # (total,) sequence of each token
+    i = t - cu_seqlens.to(torch.int64)[b]
+    return y[b, i]
+
+
+def append_to_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cache_seqlens: torch.Tensor) -> None:
+    """Write k/v (B, Sq, H, D) into the caches (B, S_max, H, D) at rows cache_seqlens[b] + i, in place."""
+    batch, seqlen_new = k.shape[0], k.shape[1]
+    rows = torch.arange(batch, device=k.device).view(-1, 1)  # (B, 1)
+    pos = cache_seqlens.to(torch.int64).view(-1, 1) + torch.arange(seqlen_new, device=k.device).view(1, -1)  # (B, Sq)
+    k_cache[rows, pos] = k
+    v_cache[rows, pos] = v
+
+
+def kvcache_mask(cache_seqlens: torch.Tensor, seqlen_q: int, seqlen_new: int, max_seqlen_k: int,
+                 causal: bool) -> torch.Tensor:
+    """Boolean mask (B, Sq, S_max) for attention over a cache whose row b holds cache_seqlens[b] + seqlen_new keys."""
+    len_k = cache_seqlens.to(torch.int64) + seqlen_new
+    len_q = torch.full_like(len_k, seqlen_q)
+    return visible_keys_mask(len_q, len_k, seqlen_q, max_seqlen_k, causal)
