@@ -1,0 +1,50 @@
+"""Test configuration shared by every test file.
+
+On a machine without CUDA the Triton kernels run under Triton's interpreter on CPU tensors. The interpreter must be
+switched on before triton is first imported, so it happens here, before any test module imports bark_kernels.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def backends_for(device: str) -> list[str]:
+    """The bark_kernels backends that can run on ``device`` in this process ('cpu' or 'cuda')."""
+    from bark_kernels import registry
+
+    names = []
+    for name in registry.BACKENDS:
+        if registry.availability(name) is not None:
+            continue
+        if registry.why_not(name, "attention", torch.device(device), torch.float32, 64) is None or \
+                registry.why_not(name, "attention", torch.device(device), torch.float16, 64) is None:
+            names.append(name)
+    return names
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none is present")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _clean_backend_env(monkeypatch):
+    """No test inherits a backend choice from the environment; each starts with fresh selection caches."""
+    monkeypatch.delenv("BARK_KERNELS_BACKEND", raising=False)
+    from bark_kernels import registry
+
+    registry._selection_cache.clear()
+    registry._logged.clear()
+    yield
