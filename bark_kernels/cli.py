@@ -1,0 +1,174 @@
+"""``bark-kernels``: ``check`` (environment + a numerical self-test of every backend) and ``speak`` (text to WAV)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import torch
+
+from . import registry, testing
+from .interface import attention, attention_varlen, attention_with_kvcache, pad_input, unpad_input
+
+
+def _version(module_name: str) -> str:
+    try:
+        module = __import__(module_name)
+    except Exception as exc:  # optional packages
+        return f"not importable ({type(exc).__name__})"
+    return getattr(module, "__version__", "unknown")
+
+
+def environment() -> list[tuple[str, str]]:
+    import os
+
+    rows = [
+        ("python", platform.python_version()),
+        ("platform", platform.platform()),
+        ("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"),
+        ("triton", _version("triton") + (" [interpreter: TRITON_INTERPRET=1]" if os.environ.get("TRITON_INTERPRET") == "1"
+                                         else "")),
+        ("transformers", _version("transformers")),
+        ("flash_attn", _version("flash_attn")),
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            rows.append((f"cuda:{i}", f"{props.name}, sm_{props.major}{props.minor}, "
+                                      f"{props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs"))
+    else:
+        rows.append(("cuda", "no CUDA device"))
+    env_backend = os.environ.get(registry.ENV_BACKEND)
+    rows.append((registry.ENV_BACKEND, env_backend or "(unset: automatic)"))
+    return rows
+
+
+def _self_test_one(backend: str, device: torch.device, dtype: torch.dtype) -> list[tuple[str, str]]:
+    """Run each op once on small inputs; returns (op, error text or '') rows."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    results = []
+    # dense causal, Sq != Sk
+    q, k, v = rand(2, 33, 2, 64), rand(2, 65, 2, 64), rand(2, 65, 2, 64)
+    results.append(("attention", lambda: testing.assert_close_to_reference(
+        attention(q, k, v, causal=True, backend=backend), testing.reference_attention(q, k, v, True),
+        attention(q, k, v, causal=True, backend="eager"), dtype)))
+    # varlen
+    qp, kp, vp = rand(18, 2, 64), rand(18, 2, 64), rand(18, 2, 64)
+    cu = torch.tensor([0, 1, 18], dtype=torch.int32, device=device)
+    results.append(("attention_varlen", lambda: testing.assert_close_to_reference(
+        attention_varlen(qp, kp, vp, cu, cu, 17, 17, causal=True, backend=backend),
+        testing.reference_attention_varlen(qp, kp, vp, cu, cu, True),
+        attention_varlen(qp, kp, vp, cu, cu, 17, 17, causal=True, backend="eager"), dtype)))
+
+    # kv-cache append + decode
+    def kvcache():
+        k_cache, v_cache = rand(2, 80, 2, 64), rand(2, 80, 2, 64)
+        lens = torch.tensor([0, 70], dtype=torch.int32, device=device)
+        qd, kd, vd = rand(2, 1, 2, 64), rand(2, 1, 2, 64), rand(2, 1, 2, 64)
+        ref, k_exp, v_exp = testing.reference_attention_with_kvcache(qd, k_cache, v_cache, kd, vd, lens)
+        base = attention_with_kvcache(qd, k_cache.clone(), v_cache.clone(), kd, vd, cache_seqlens=lens,
+                                      backend="eager")
+        out = attention_with_kvcache(qd, k_cache, v_cache, kd, vd, cache_seqlens=lens, backend=backend)
+        testing.assert_close_to_reference(out, ref, base, dtype)
+        if not (torch.equal(k_cache, k_exp) and torch.equal(v_cache, v_exp)):
+            raise AssertionError("cache contents differ from the expected append")
+
+    results.append(("attention_with_kvcache", kvcache))
+
+    def padding():
+        hidden = rand(2, 5, 8)
+        mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]], device=device)
+        unpadded, idx, _, _ = unpad_input(hidden, mask, backend=backend)
+        if not torch.equal(pad_input(unpadded, idx, 2, 5, backend=backend), hidden * mask[..., None].to(dtype)):
+            raise AssertionError("pad_input(unpad_input(x)) != x * mask")
+
+    results.append(("unpad/pad", padding))
+    rows = []
+    for op, fn in results:
+        op_name = {"unpad/pad": "gather_rows"}.get(op, op)
+        reason = registry.why_not(backend, op_name, device, dtype, 64)
+        if reason is not None:
+            rows.append((op, f"skip: {reason}"))
+            continue
+        try:
+            fn()
+            rows.append((op, ""))
+        except Exception as exc:  # report every failure, keep going
+            rows.append((op, f"FAIL: {type(exc).__name__}: {exc}"))
+    return rows
+
+
+def check(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bark-kernels check", description="Environment and backend self-test.")
+    parser.add_argument("--device", action="append", help="device(s) to test (default: cpu, and cuda if present)")
+    parser.add_argument("--interpret", action="store_true",
+                        help="run the Triton backend on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1)")
+    args = parser.parse_args(argv)
+    if args.interpret:
+        import os
+
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            print("--interpret: triton was imported before the interpreter could be switched on", file=sys.stderr)
+            return 2
+        os.environ["TRITON_INTERPRET"] = "1"
+    print("bark-kernels check")
+    for key, value in environment():
+        print(f"  {key:<22} {value}")
+    print("backends:")
+    for row in registry.describe():
+        state = "available" if row["available"] else f"unavailable: {row['reason']}"
+        print(f"  {row['name']:<11} {state}")
+    devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    failures = 0
+    print("self-test (max error vs float64 reference within the tolerance table):")
+    for device_name in devices:
+        device = torch.device(device_name)
+        dtypes = [torch.float32, torch.float16] if device.type == "cpu" else [torch.float16, torch.bfloat16,
+                                                                               torch.float32]
+        for name in registry.BACKENDS:
+            if registry.availability(name) is not None:
+                continue
+            for dtype in dtypes:
+                reason = registry.why_not(name, "attention", device, dtype, 64)
+                if reason is not None:
+                    print(f"  {device_name:<5} {name:<11} {str(dtype)[6:]:<9} skip: {reason}")
+                    continue
+                start = time.perf_counter()
+                rows = _self_test_one(name, device, dtype)
+                elapsed = time.perf_counter() - start
+                bad = [r for r in rows if r[1].startswith("FAIL")]
+                failures += len(bad)
+                status = "ok" if not bad else "FAILED"
+                print(f"  {device_name:<5} {name:<11} {str(dtype)[6:]:<9} {status} ({len(rows)} ops, {elapsed:.2f}s)")
+                for op, text in rows:
+                    if text:
+                        print(f"      {op}: {text}")
+    print("check passed" if failures == 0 else f"check FAILED: {failures} failure(s)")
+    return 0 if failures == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: bark-kernels {check,speak} ...\n  check   environment + backend self-test\n  speak   text to speech"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "check":
+        return check(rest)
+    if command == "speak":
+        from bark.cli import speak_main
+
+        return speak_main(rest)
+    print(f"bark-kernels: unknown command {command!r}\n{usage}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
