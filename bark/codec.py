@@ -312,7 +312,8 @@ class SEANetDecoder(nn.Module):
 class _Codebook(nn.Module):
     def __init__(self, config: EncodecDecoderConfig) -> None:
         super().__init__()
-        self.register_buffer("embed", torch.zeros(config.codebook_size, config.codebook_dim))
+        # Random until a checkpoint is loaded (HF starts from zeros, which would make a random model decode silence).
+        self.register_buffer("embed", torch.randn(config.codebook_size, config.codebook_dim))
 
 
 class _VectorQuantization(nn.Module):

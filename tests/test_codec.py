@@ -212,3 +212,12 @@ def test_empty_codes_give_empty_audio(hf_model):
     ours = EncodecDecoder(hf_model.config.to_dict())
     out = ours.decode(torch.zeros(2, 8, 0, dtype=torch.long))
     assert out.shape == (2, 1, 0)
+
+
+def test_random_init_is_not_silent(hf_model):
+    # The CLI's built-in random model relies on this: random codebooks, so random codes decode to noise, not a constant.
+    torch.manual_seed(0)
+    ours = EncodecDecoder(hf_model.config.to_dict()).eval()
+    with torch.no_grad():
+        audio = ours.decode(torch.randint(0, CODEBOOK_SIZE, (1, 8, 20)))
+    assert torch.isfinite(audio).all() and audio[0, 0, 320:].std() > 1e-3
