@@ -24,7 +24,7 @@ ATTENTION_OPS = ("attention", "attention_varlen", "attention_with_kvcache")
 ROWS_OPS = ("gather_rows", "scatter_rows")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
@@ -34,7 +34,7 @@ def _triton_import_error() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bf16_interpreter_error() -> str | None:
     """None when bfloat16 is computed correctly under the interpreter (the patch applied), else why not."""
     from ._interpreter_bf16 import apply
@@ -79,8 +79,8 @@ def supports(op: str, device: torch.device, dtype: torch.dtype, head_dim: int) -
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _ops():
+@functools.cache
+def _load_ops():
     if interpreter_enabled():
         _bf16_interpreter_error()  # patch the interpreter's bfloat16 handling before any kernel runs
     from . import _ops as ops
@@ -89,24 +89,24 @@ def _ops():
 
 
 def attention(q, k, v, causal, softmax_scale):
-    return _ops().attention(q, k, v, bool(causal), float(softmax_scale))
+    return _load_ops().attention(q, k, v, bool(causal), float(softmax_scale))
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
-    return _ops().attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+    return _load_ops().attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                                    bool(causal), float(softmax_scale))
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, causal, softmax_scale):
-    return _ops().attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, bool(causal), float(softmax_scale))
+    return _load_ops().attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, bool(causal), float(softmax_scale))
 
 
 def gather_rows(x, indices):
-    return _ops().gather_rows(x, indices)
+    return _load_ops().gather_rows(x, indices)
 
 
 def scatter_rows(x, indices, n):
-    return _ops().scatter_rows(x, indices, int(n))
+    return _load_ops().scatter_rows(x, indices, int(n))
 
 
 OPS = {

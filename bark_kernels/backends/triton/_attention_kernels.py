@@ -234,12 +234,12 @@ def _combine_splits_kernel(
     split_ok = offs_s < NUM_SPLITS
     ws_rows = offs_s.to(tl.int64) * rows_per_split + row
     m = tl.load(M_ws + ws_rows, mask=split_ok, other=float("-inf"))
-    l = tl.load(L_ws + ws_rows, mask=split_ok, other=0.0)
+    l_s = tl.load(L_ws + ws_rows, mask=split_ok, other=0.0)
     acc = tl.load(Acc_ws + ws_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=split_ok[:, None], other=0.0)
     m_max = tl.max(m, 0)
     m_base = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.math.exp2(m - m_base)  # splits that saw no key have m = -inf: weight 0
-    l_total = tl.sum(w * l, 0)
+    l_total = tl.sum(w * l_s, 0)
     out = tl.sum(w[:, None] * acc, 0) / tl.where(l_total == 0.0, 1.0, l_total)
     bh = row // seqlen_q
     i = row % seqlen_q

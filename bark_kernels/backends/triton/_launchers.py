@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ._attention_kernels import (MODE_DENSE, MODE_KVCACHE, MODE_VARLEN, _attn_fwd_kernel,
-                                 _combine_splits_kernel)
-from ._rows_kernels import _gather_rows_kernel, _scatter_rows_kernel
+from ._attention_kernels import MODE_DENSE, MODE_KVCACHE, MODE_VARLEN, _attn_fwd_kernel, _combine_splits_kernel
 from ._env import interpreter_enabled
+from ._rows_kernels import _gather_rows_kernel, _scatter_rows_kernel
 
 LOG2E = 1.4426950408889634
 
@@ -68,7 +67,7 @@ def decode_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, max_seqlen_k
     return AttnConfig(16, 128 if head_dim <= 64 else 64, 4, 3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_type: str, index: int | None) -> int:
     if device_type == "cuda":
         return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()

@@ -41,8 +41,9 @@ def _attention_varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 
 @torch.library.custom_op(f"{NAMESPACE}::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
-def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Optional[torch.Tensor],
-                           v: Optional[torch.Tensor], cache_seqlens: torch.Tensor, causal: bool,
+def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           k: Optional[torch.Tensor], v: Optional[torch.Tensor],  # noqa: UP045 (torch's schema parser)
+                           cache_seqlens: torch.Tensor, causal: bool,
                            softmax_scale: float) -> torch.Tensor:
     """q (B, Sq, H, D), caches (B, S_max, H, D) (appended in place when k/v (B, Sq, H, D) are given) -> (B, Sq, H, D)."""
     return _launchers.attention_kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, causal, softmax_scale)
