@@ -1,0 +1,35 @@
+"""``python -m benchmarks --out DIR [--mode gpu|cpu|auto] [--quick] [--skip-e2e] [--budget SECONDS]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--out", required=True, help="directory for results.json, results.md and the PNG plots")
+    parser.add_argument("--mode", default="auto", choices=("gpu", "cpu", "auto"),
+                        help="gpu: full suite on the CUDA device; cpu: labelled subsets on the CPU; auto: gpu if any")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke-test shapes (the figures are not Bark's)")
+    parser.add_argument("--skip-e2e", action="store_true", help="kernels only")
+    parser.add_argument("--budget", type=float, default=None, help="total wall-clock budget in seconds")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if args.mode == "cpu":
+        # Triton under the interpreter is excluded from CPU timings; make sure it is never used implicitly.
+        os.environ.pop("BARK_KERNELS_BACKEND", None)
+    from .suite import run
+
+    payload = run(args.out, mode=args.mode, quick=args.quick, skip_e2e=args.skip_e2e, budget_seconds=args.budget)
+    ok = sum(1 for r in payload["kernels"] if r["status"] == "ok")
+    print(f"benchmarks: {ok} kernel measurements, e2e {payload['e2e']['status']}, "
+          f"{payload['wall_seconds']:.0f} s; wrote {args.out}/results.json, results.md, {', '.join(payload['plots'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

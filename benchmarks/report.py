@@ -1,0 +1,352 @@
+"""Environment capture, results.json, results.md (markdown tables) and PNG plots (matplotlib, Agg backend).
+
+Everything written here is read from the records of the same run; a cell with no measured figure says why.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+SCHEMA = "bark-kernels-benchmarks/1"
+
+
+def _version(module: str) -> str:
+    try:
+        mod = __import__(module)
+    except Exception as exc:  # absent or broken: say which
+        return f"not importable ({type(exc).__name__})"
+    return str(getattr(mod, "__version__", "unknown"))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return ""
+
+
+def _nvidia_driver() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        return out.splitlines()[0] if out else "unknown (nvidia-smi gave nothing)"
+    except Exception as exc:
+        return f"unknown ({type(exc).__name__})"
+
+
+def environment(device: torch.device) -> dict:
+    """Device, driver, versions, git commit, threads, load: what is needed to read the figures."""
+    env = OrderedDict()
+    env["date_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    env["device_type"] = device.type
+    env["cpu_model"] = _cpu_model()
+    env["cpu_count"] = os.cpu_count()
+    env["torch_threads"] = torch.get_num_threads()
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        env["gpu_capability"] = f"{props.major}.{props.minor}"
+        env["gpu_sm_count"] = props.multi_processor_count
+        env["driver"] = _nvidia_driver()
+        env["cuda_runtime"] = torch.version.cuda
+        env["cudnn"] = str(torch.backends.cudnn.version())
+    else:
+        env["device_name"] = f"CPU: {env['cpu_model']} ({env['torch_threads']} torch threads)"
+        env["driver"] = "n/a (CPU)"
+    env["python"] = sys.version.split()[0]
+    env["platform"] = platform.platform()
+    env["torch"] = torch.__version__
+    env["triton"] = _version("triton")
+    env["transformers"] = _version("transformers")
+    env["numpy"] = _version("numpy")
+    env["bark_kernels"] = _version("bark_kernels")
+    env["git_commit"] = _git("rev-parse", "HEAD") or "unknown"
+    env["git_dirty"] = bool(_git("status", "--porcelain", "--", "bark_kernels", "bark", "benchmarks", "csrc"))
+    env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "")
+    try:
+        env["loadavg_start"] = list(os.getloadavg())
+    except OSError:
+        env["loadavg_start"] = None
+    return env
+
+
+def short_device(env: dict) -> str:
+    """A short name for directories: 'h100', 'cpu-epyc', ..."""
+    if env["device_type"] == "cuda":
+        name = env["device_name"].lower()
+        for tag in ("h200", "h100", "a100", "l40s", "l4", "a10g", "4090", "3090"):
+            if tag in name:
+                return tag
+        return "".join(c if c.isalnum() else "-" for c in name)[:24].strip("-")
+    words = [w for w in env["cpu_model"].lower().replace("(r)", "").replace("(tm)", "").split() if w.isalnum()]
+    return "cpu-" + "-".join(words[:2] or ["unknown"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# JSON
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# markdown
+
+
+def _fmt(x: float) -> str:
+    if x is None:
+        return "—"
+    ax = abs(x)
+    if ax >= 100:
+        return f"{x:.0f}"
+    if ax >= 10:
+        return f"{x:.1f}"
+    if ax >= 1:
+        return f"{x:.2f}"
+    if ax >= 0.01:
+        return f"{x:.3f}"
+    return f"{x:.2e}"
+
+
+def _cell_time(rec: dict) -> str:
+    f = rec["figures"]
+    return f"{_fmt(f['median']['value'])} ({_fmt(f['p20']['value'])}–{_fmt(f['p80']['value'])})"
+
+
+def _wrong(rec: dict) -> str:
+    c = rec["figures"].get("correct")
+    return " **WRONG**" if c is not None and not c["value"] else ""
+
+
+def _pivot(records: list[dict], cell, providers: list[str]) -> list[str]:
+    cases = list(OrderedDict.fromkeys(r["case"] for r in records))
+    by = {(r["case"], r["provider"]): r for r in records}
+    used = [p for p in providers if any((c, p) in by for c in cases)]
+    lines = ["| case | " + " | ".join(used) + " |", "|---|" + "---|" * len(used)]
+    for c in cases:
+        cells = []
+        for p in used:
+            r = by.get((c, p))
+            if r is None:
+                cells.append("")
+            elif r["status"] == "ok":
+                cells.append(cell(r) + _wrong(r))
+            else:
+                cells.append(r["status"])
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _reasons(records: list[dict]) -> list[str]:
+    seen = OrderedDict()
+    for r in records:
+        if r["status"] != "ok":
+            seen.setdefault((r["provider"], r["status"], r.get("reason", "")), 0)
+            seen[(r["provider"], r["status"], r.get("reason", ""))] += 1
+    if not seen:
+        return []
+    lines = ["", "Not measured (provider: status, reason, number of cases):", ""]
+    for (p, s, why), n in seen.items():
+        lines.append(f"- `{p}`: {s} ({n}x): {why}")
+    return lines
+
+
+SECTION_TITLES = OrderedDict([
+    ("prefill", "Causal prefill (Sq = Sk)"),
+    ("prefill_noncausal", "Non-causal attention (the fine model)"),
+    ("decode", "Decode: one query over a KV cache"),
+    ("varlen", "Varlen: causal packs of mixed lengths"),
+    ("unpad", "unpad_input"),
+    ("pad", "pad_input"),
+])
+
+
+def write_markdown(path: Path, payload: dict) -> None:
+    env, cfg = payload["environment"], payload["config"]
+    out = [f"# bark-kernels benchmarks: {env['device_name']}", ""]
+    out.append(f"- date (UTC): {env['date_utc']}; git {env['git_commit'][:12]}{' (dirty)' if env['git_dirty'] else ''}")
+    out.append(f"- torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
+               f"python {env['python']}; driver {env['driver']}")
+    out.append(f"- mode: {cfg['mode']}{' (quick)' if cfg['quick'] else ''}; kernel plan: {cfg['kernel_plan']}; "
+               f"torch threads {env['torch_threads']}; load average at start {env.get('loadavg_start')}, "
+               f"at end {env.get('loadavg_end')}")
+    out.append(f"- wall time of this run: {payload.get('wall_seconds', float('nan')):.0f} s "
+               f"(budget {cfg['budget_seconds']:.0f} s)")
+    copy = payload.get("copy_bandwidth")
+    if copy and copy.get("status") == "ok":
+        out.append(f"- device copy bandwidth measured in this run: {_fmt(copy['figures']['bandwidth']['value'])} GB/s "
+                   f"(copy of {copy['figures']['bytes']['value'] / 2**21:.0f} MiB, read + write counted)")
+    out.append(f"- timing: {payload.get('timing_method', '')}; cells are median ms (p20–p80) or a throughput; "
+               f"ratios are the reference provider's median time / this provider's (> 1 is faster). "
+               f"**WRONG** marks an output outside the tolerance rule against float64.")
+    for note in cfg.get("notes", []):
+        out.append(f"- {note}")
+    kernels = payload.get("kernels", [])
+    reference = cfg.get("reference_provider", "")
+    providers = list(OrderedDict.fromkeys(r["provider"] for r in kernels if r["provider"] != "*"))
+    for section, title in SECTION_TITLES.items():
+        recs = [r for r in kernels if r["section"] == section]
+        if not recs:
+            continue
+        out += ["", f"## {title}", ""]
+        params = next((r["params"] for r in recs if r["params"]), {})
+        reference = next((r["reference_provider"] for r in recs if "reference_provider" in r),
+                         cfg.get("reference_provider", ""))
+        if "flop_convention" in params:
+            out += [f"Throughput in TFLOP/s, FLOPs = {params['flop_convention']}; (ratio to `{reference}`).", ""]
+            out += _pivot(recs, lambda r: f"{_fmt(r['figures']['throughput']['value'])} "
+                                          f"({_fmt(r['figures'].get('speedup_vs_reference', {}).get('value'))}x)",
+                          providers)
+        elif "bandwidth" in next((r["figures"] for r in recs if r["status"] == "ok"), {}):
+            conv = params.get("byte_convention", "")
+            out += [f"Achieved GB/s (bytes: {conv}) and % of the copy bandwidth; (ratio to `{reference}`).", ""]
+
+            def bw(r):
+                f = r["figures"]
+                frac = f.get("fraction_of_copy_bandwidth")
+                pct = f" {100 * frac['value']:.0f}%" if frac else ""
+                ratio = f.get("speedup_vs_reference")
+                return f"{_fmt(f['bandwidth']['value'])}{pct}" + (f" ({_fmt(ratio['value'])}x)" if ratio else "")
+
+            out += _pivot(recs, bw, providers)
+        out += ["", "Median ms (p20–p80):", ""]
+        out += _pivot(recs, _cell_time, providers)
+        out += _reasons(recs)
+    e2e = payload.get("e2e", {})
+    out += ["", "## End to end: bark.BarkModel (ours) vs transformers BarkModel, same random weights", ""]
+    if e2e.get("status") != "ok":
+        out.append(f"{e2e.get('status', 'skipped')}: {e2e.get('reason', 'not run')}")
+    else:
+        out.append(e2e.get("method", ""))
+        out.append("")
+        out.append("| model | dtype | batch | impl | semantic tok/s | coarse tok/s | fine s | codec s | total s | "
+                   "s per 10 s audio | peak GPU GiB | speedup |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in e2e.get("runs", []):
+            f = r["figures"]
+            if r["status"] != "ok":
+                out.append(f"| {r['params'].get('model')} | {r['params'].get('dtype')} | {r['params'].get('batch')} | "
+                           f"{r['provider']} | {r['status']}: {r.get('reason', '')} |||||||")
+                continue
+
+            def g(k, f=f):
+                return _fmt(f[k]["value"]) if k in f else "—"
+
+            out.append(f"| {r['params']['model']} | {r['params']['dtype']} | {r['params']['batch']} | {r['provider']} | "
+                       f"{g('semantic_tokens_per_s')} | {g('coarse_tokens_per_s')} | {g('fine_s')} | {g('codec_s')} | "
+                       f"{g('total_s')} | {g('seconds_per_10s_audio')} | {g('peak_gpu_memory')} | "
+                       f"{g('speedup_vs_transformers')} |")
+    plots = payload.get("plots", [])
+    if plots:
+        out += ["", "## Plots", ""]
+        out += [f"![{p}]({p})" for p in plots]
+    path.write_text("\n".join(out) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# plots
+
+
+def write_plots(out_dir: Path, payload: dict) -> list[str]:
+    """PNG plots; returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    env = payload["environment"]
+    kernels = [r for r in payload.get("kernels", []) if r["status"] == "ok"]
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    # prefill: TFLOP/s vs seqlen, one panel per (model, batch) of the first dtype measured
+    pre = [r for r in kernels if r["section"] == "prefill"]
+    if pre:
+        dtype = pre[0]["params"]["dtype"]
+        panels = list(OrderedDict.fromkeys((r["params"]["model"], r["params"]["batch"]) for r in pre
+                                           if r["params"]["dtype"] == dtype))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+        for ax, (model, batch) in zip(axes[0], panels, strict=True):
+            rs = [r for r in pre if r["params"]["model"] == model and r["params"]["batch"] == batch
+                  and r["params"]["dtype"] == dtype]
+            for p in OrderedDict.fromkeys(r["provider"] for r in rs):
+                pts = sorted((r["params"]["seqlen_q"], r["figures"]["throughput"]["value"]) for r in rs
+                             if r["provider"] == p)
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+            ax.set_title(f"{model} B={batch} {dtype}", fontsize=9)
+            ax.set_xlabel("seqlen (Sq = Sk)")
+            ax.set_ylabel("TFLOP/s (causal: unmasked half)")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"Causal prefill, head_dim 64 — {env['device_name']}", fontsize=10)
+        save(fig, "prefill_tflops.png")
+
+    dec = [r for r in kernels if r["section"] == "decode"]
+    if dec:
+        panels = list(OrderedDict.fromkeys((r["params"]["model"], r["params"]["batch"]) for r in dec))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), squeeze=False)
+        copy = payload.get("copy_bandwidth", {})
+        copy_bw = copy.get("figures", {}).get("bandwidth", {}).get("value") if copy.get("status") == "ok" else None
+        for ax, (model, batch) in zip(axes[0], panels, strict=True):
+            rs = [r for r in dec if r["params"]["model"] == model and r["params"]["batch"] == batch]
+            for p in OrderedDict.fromkeys(r["provider"] for r in rs):
+                pts = sorted((r["params"]["cache_len"], r["figures"]["bandwidth"]["value"]) for r in rs
+                             if r["provider"] == p)
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+            if copy_bw:
+                ax.axhline(copy_bw, color="k", ls="--", lw=1, label="copy bandwidth (this run)")
+            ax.set_title(f"{model} B={batch} {rs[0]['params']['dtype']}", fontsize=9)
+            ax.set_xlabel("cache length")
+            ax.set_ylabel("achieved GB/s")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"Decode (one query) — {env['device_name']}", fontsize=10)
+        save(fig, "decode_bandwidth.png")
+
+    e2e = payload.get("e2e", {})
+    runs = [r for r in e2e.get("runs", []) if r["status"] == "ok"]
+    if runs:
+        stages = ("semantic_s", "coarse_s", "fine_s", "codec_s")
+        labels = [f"{r['params']['model']} {r['params']['dtype']} B={r['params']['batch']}\n{r['provider']}"
+                  for r in runs]
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(runs)), 4.2))
+        bottom = [0.0] * len(runs)
+        for stage in stages:
+            vals = [r["figures"].get(stage, {}).get("value", 0.0) for r in runs]
+            ax.bar(range(len(runs)), vals, bottom=bottom, label=stage.replace("_s", ""))
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+        ax.set_xticks(range(len(runs)))
+        ax.set_xticklabels(labels, fontsize=6, rotation=60, ha="right")
+        ax.set_ylabel("seconds")
+        ax.legend(fontsize=8)
+        ax.set_title(f"End to end per stage, ours vs transformers — {env['device_name']}", fontsize=10)
+        save(fig, "e2e_stages.png")
+    return written
