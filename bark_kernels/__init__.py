@@ -23,3 +23,11 @@ __all__ = [
     "BackendUnavailableError",
     "__version__",
 ]
+
+# transformers integration (docs/transformers.md): attn_implementation="triton" in transformers' own BarkModel.
+# Lazy: registers once transformers' Bark module is imported; costs nothing when transformers is not installed.
+from .integrations import auto_register_transformers as _auto_register_transformers  # noqa: E402
+from .integrations import register_transformers as register_transformers  # noqa: E402
+
+__all__.append("register_transformers")
+_auto_register_transformers()

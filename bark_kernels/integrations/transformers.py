@@ -1,0 +1,269 @@
+"""transformers' own ``BarkModel`` on the bark_kernels dispatcher: ``attn_implementation="triton"``.
+
+Importing this module imports transformers. ``register()`` (``bark_kernels.register_transformers()``) does three things
+for every name in :data:`IMPLEMENTATIONS`:
+
+1. ``AttentionInterface.register(name, ...)``: transformers validates ``attn_implementation`` against this table, so
+   ``from_pretrained(..., attn_implementation="triton")`` and ``BarkModel(config)`` accept the name. Bark itself never
+   calls the function registered there (it picks its attention module from ``BARK_ATTENTION_CLASSES``); other models
+   that are given one of our names get a clear ``NotImplementedError`` instead of a silent wrong answer.
+2. ``AttentionMaskInterface.register(name, padding_mask)``: without a mask function transformers drops the attention
+   mask of a custom implementation silently. Ours hands the attention module the 2-D padding mask (batch, kv_len) as
+   booleans, or None when nothing is padded.
+3. ``BARK_ATTENTION_CLASSES[name] = <subclass of BarkSelfAttention>``: same parameters and buffers (``att_proj``,
+   ``out_proj``, the causal ``bias`` buffer), so checkpoints load unchanged; only ``forward`` differs and calls
+   ``bark_kernels.attention`` (no padding) or ``unpad_input`` -> ``attention_varlen`` -> ``pad_input`` (padding).
+
+Cache semantics are transformers': the module appends the new keys/values to the ``Cache`` object it is given
+(``DynamicCache``, as ``BarkCausalModel`` creates) and attends over everything the cache returns, causal bottom-right,
+so a decode step (1 query, past + 1 keys) runs through the same dispatcher as the prefill. Caches that return more
+keys than past + new (static caches) are refused with an error rather than attended to blindly.
+
+Supported: transformers 5.x (checked on 5.17 and 5.24). Older versions get a ``RuntimeError`` saying so.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import threading
+
+import torch
+import transformers
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from .. import interface as bk
+
+logger = logging.getLogger("bark_kernels")
+
+# attn_implementation name -> bark_kernels backend (None: the dispatcher's choice, BARK_KERNELS_BACKEND included).
+# No name may contain "flash" (transformers routes those to its own flash-attn path) or "sdpa"/"flex_attention"
+# (transformers runs its own availability checks on those and rejects Bark).
+IMPLEMENTATIONS: dict[str, str | None] = {
+    "triton": "triton",
+    "bark_cuda": "cuda",
+    "bark_torch": "sdpa",
+    "bark_eager": "eager",
+    "bark_kernels": None,
+}
+
+MIN_VERSION = (5, 0)
+TESTED_VERSIONS = ("5.17", "5.24")
+
+_lock = threading.Lock()
+_state: dict = {"bark_module": None, "classes": {}}
+_logged: set = set()
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _bark_module():
+    """transformers' Bark modeling module, as imported now (a reload gives a new one)."""
+    return importlib.import_module("transformers.models.bark.modeling_bark")
+
+
+def check_supported() -> None:
+    """Raise ``RuntimeError`` naming the problem when this transformers cannot take our Bark attention."""
+    version = transformers.__version__
+    if _version_tuple(version) < MIN_VERSION:
+        raise RuntimeError(
+            f"transformers {version} is not supported by bark_kernels' transformers integration: it needs transformers "
+            f">= {'.'.join(map(str, MIN_VERSION))} (tested with {', '.join(TESTED_VERSIONS)}). Upgrade transformers, "
+            f"or use bark_kernels' own Bark model (package `bark`)."
+        )
+    problems = []
+    modeling_bark = _bark_module()
+    classes = getattr(modeling_bark, "BARK_ATTENTION_CLASSES", None)
+    if not isinstance(classes, dict):
+        problems.append("transformers.models.bark.modeling_bark.BARK_ATTENTION_CLASSES (a dict) is missing")
+    base = getattr(modeling_bark, "BarkSelfAttention", None)
+    if base is None:
+        problems.append("transformers.models.bark.modeling_bark.BarkSelfAttention is missing")
+    else:
+        params = list(inspect.signature(base.__init__).parameters)
+        if params[:4] != ["self", "config", "is_causal", "layer_idx"]:
+            problems.append(f"BarkSelfAttention.__init__ takes {params}, expected (self, config, is_causal, layer_idx)")
+    for owner, attr in ((AttentionInterface, "register"), (AttentionMaskInterface, "register")):
+        if not callable(getattr(owner, attr, None)):
+            problems.append(f"{owner.__name__}.{attr} is missing")
+    if problems:
+        raise RuntimeError(
+            f"transformers {version} is not supported by bark_kernels' transformers integration "
+            f"(tested with {', '.join(TESTED_VERSIONS)}): " + "; ".join(problems)
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# what transformers calls
+
+
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+    """transformers' mask function for our names: the 2-D padding mask (batch, kv_length) as bool, or None.
+
+    Bark builds its masks with ``create_bidirectional_mask`` (padding only; the causal part lives in the attention
+    module), so a 2-D mask of the keys is all the attention module needs. None means "nothing is padded".
+    """
+    if attention_mask is None or attention_mask.dim() != 2:
+        return attention_mask  # None, or a ready-made 4-D mask the attention module will refuse with a clear error
+    if attention_mask.shape[1] > kv_length:
+        attention_mask = attention_mask[:, -kv_length:]  # the mask covers past + new tokens; keep the last kv_length
+    if attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask != 0
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def _generic_attention_for(name: str):
+    def bark_kernels_generic_attention(module, *args, **kwargs):
+        raise NotImplementedError(
+            f"attn_implementation={name!r} is registered by bark_kernels for transformers' Bark models only "
+            f"(BarkModel, BarkSemanticModel, BarkCoarseModel, BarkFineModel); {type(module).__name__} asked for it. "
+            f"Use 'eager' or 'sdpa' for other models."
+        )
+
+    bark_kernels_generic_attention._bark_kernels = True
+    return bark_kernels_generic_attention
+
+
+padding_mask._bark_kernels = True
+
+
+def _log_once(key, message: str, *args) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.warning(message, *args)
+
+
+def _make_attention_class(base: type) -> type:
+    class BarkKernelsSelfAttention(base):
+        """Bark's self-attention with the same parameters and buffers, running on the bark_kernels dispatcher."""
+
+        bark_kernels_backend: str | None = None
+        bark_kernels_name: str = ""
+
+        def forward(self, hidden_states, attention_mask=None, cache=None, use_cache=False, output_attentions=False,
+                    past_key_values=None, **kwargs):
+            # transformers 5.24 passes the Cache as `cache=`, 5.17 as `past_key_values=`.
+            if cache is None:
+                cache = past_key_values
+            batch, seqlen_q, _ = hidden_states.shape
+            qkv = self.att_proj(hidden_states).view(batch, seqlen_q, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, D)
+            query, key, value = qkv.unbind(2)  # each (B, T, H, D), strided views of one projection
+            if cache is not None:
+                past = cache.get_seq_length(self.layer_idx)
+                key, value = cache.update(key.transpose(1, 2), value.transpose(1, 2), self.layer_idx)  # (B, H, Sk, D)
+                if key.shape[2] != past + seqlen_q:
+                    raise NotImplementedError(
+                        f"cache: attn_implementation={self.bark_kernels_name!r} supports caches that return the past "
+                        f"plus the new keys (DynamicCache, what Bark creates); {type(cache).__name__} returned "
+                        f"{key.shape[2]} keys for {past} past + {seqlen_q} new tokens"
+                    )
+                key, value = key.transpose(1, 2), value.transpose(1, 2)  # (B, Sk, H, D)
+            dropout_p = float(self.dropout) if self.training else 0.0
+            out, weights = self._bark_kernels_attend(query, key, value, attention_mask, dropout_p, output_attentions)
+            out = out.reshape(batch, seqlen_q, self.embed_dim)  # (B, T, H * D)
+            out = self.resid_dropout(self.out_proj(out))
+            return out, weights
+
+        def _bark_kernels_attend(self, query, key, value, attention_mask, dropout_p, output_attentions):
+            """query (B, Sq, H, D), key/value (B, Sk, H, D), attention_mask None or bool (B, Sk) -> (B, Sq, H, D)."""
+            backend = self.bark_kernels_backend
+            batch, seqlen_q = query.shape[:2]
+            seqlen_k = key.shape[1]
+            mask = attention_mask
+            if mask is not None:
+                if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+                    got = f"{mask.dim()}-D {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+                    raise ValueError(
+                        f"attention_mask: attn_implementation={self.bark_kernels_name!r} expects None or a 2-D "
+                        f"(batch, seqlen) padding mask, got {got}. Custom 4-D masks need attn_implementation='eager'."
+                    )
+                if tuple(mask.shape) != (batch, seqlen_k):
+                    raise ValueError(f"attention_mask: expected shape ({batch}, {seqlen_k}) (batch, past + new "
+                                     f"tokens), got {tuple(mask.shape)}")
+                if mask.is_floating_point():
+                    raise TypeError(f"attention_mask: expected a bool or 0/1 integer padding mask, got {mask.dtype}")
+                mask = mask.to(device=query.device, dtype=torch.bool)
+            if output_attentions:
+                if mask is not None:
+                    raise NotImplementedError(
+                        f"output_attentions=True with a padding mask is not supported by attn_implementation="
+                        f"{self.bark_kernels_name!r}; use attn_implementation='eager'"
+                    )
+                _log_once(("weights", self.bark_kernels_name),
+                          "bark_kernels: output_attentions=True: attention runs on bark_kernels' eager backend "
+                          "(the only one that returns the weights) instead of %r", backend)
+                return bk.attention(query, key, value, causal=self.is_causal, dropout_p=dropout_p,
+                                    return_attn_weights=True, backend="eager")
+            if mask is None:
+                out = bk.attention(query, key, value, causal=self.is_causal, dropout_p=dropout_p, backend=backend)
+                return out, None
+            if dropout_p > 0.0:
+                raise NotImplementedError(
+                    f"attention dropout (training mode, dropout={dropout_p}) with a padding mask is not supported by "
+                    f"attn_implementation={self.bark_kernels_name!r}; call model.eval() or use 'eager'"
+                )
+            # The queries are the last seqlen_q positions: their mask is the last seqlen_q columns. After unpadding,
+            # query rank i of row b sees key ranks <= i + Lk_b - Lq_b, exactly the unpadded keys at positions <= its
+            # own: bottom-right causal per sequence is Bark's causal mask with padded keys removed.
+            q_unpad, q_indices, cu_seqlens_q, max_seqlen_q = bk.unpad_input(query, mask[:, -seqlen_q:],
+                                                                            backend=backend)  # (nnz_q, H, D)
+            k_unpad, _, cu_seqlens_k, max_seqlen_k = bk.unpad_input(key, mask, backend=backend)  # (nnz_k, H, D)
+            v_unpad, _, _, _ = bk.unpad_input(value, mask, backend=backend)  # (nnz_k, H, D)
+            out_unpad = bk.attention_varlen(q_unpad, k_unpad, v_unpad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                            max_seqlen_k, causal=self.is_causal, backend=backend)  # (nnz_q, H, D)
+            # Padded query positions come back as zeros (their outputs are never read by unpadded positions).
+            return bk.pad_input(out_unpad, q_indices, batch, seqlen_q, backend=backend), None  # (B, Sq, H, D)
+
+    BarkKernelsSelfAttention.__qualname__ = BarkKernelsSelfAttention.__name__
+    return BarkKernelsSelfAttention
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# registration
+
+
+def attention_classes() -> dict[str, type]:
+    """The registered module classes, name -> class (empty before ``register()``)."""
+    return dict(_state["classes"])
+
+
+def register(force: bool = False) -> list[str]:
+    """Register every name of :data:`IMPLEMENTATIONS` with transformers (see the module docstring). Idempotent."""
+    check_supported()
+    modeling_bark = _bark_module()
+    with _lock:
+        table = modeling_bark.BARK_ATTENTION_CLASSES
+        done = (_state["bark_module"] is modeling_bark and _state["classes"]
+                and all(table.get(name) is cls for name, cls in _state["classes"].items()))
+        if done and not force:
+            return list(IMPLEMENTATIONS)
+        base_class = _make_attention_class(modeling_bark.BarkSelfAttention)
+        classes = {}
+        for name, backend in IMPLEMENTATIONS.items():
+            previous = AttentionInterface._global_mapping.get(name) if hasattr(AttentionInterface, "_global_mapping") \
+                else None
+            if previous is not None and not getattr(previous, "_bark_kernels", False):
+                logger.warning("bark_kernels: attn_implementation=%r was registered by someone else; replacing it", name)
+            suffix = "".join(part.capitalize() for part in name.split("_"))
+            cls = type(f"BarkKernelsSelfAttention{suffix}", (base_class,),
+                       {"bark_kernels_backend": backend, "bark_kernels_name": name, "__module__": __name__})
+            AttentionInterface.register(name, _generic_attention_for(name))
+            AttentionMaskInterface.register(name, padding_mask)
+            table[name] = cls
+            classes[name] = cls
+        _state["bark_module"] = modeling_bark
+        _state["classes"] = classes
+        logger.debug("bark_kernels: registered attn_implementation %s with transformers %s", list(IMPLEMENTATIONS),
+                     transformers.__version__)
+        return list(IMPLEMENTATIONS)

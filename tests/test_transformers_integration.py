@@ -1,0 +1,312 @@
+"""transformers' own BarkModel with attn_implementation="triton" (and our other names) against attn_implementation="eager".
+
+Tiny random models that keep Bark's real vocabularies and special token ids (semantic 129600 -> 10048, coarse 12096,
+fine 1056 x 8 codebooks, codebook 1024) with small widths, short windows and a tiny EnCodec, so generate runs the
+real semantic -> coarse -> fine -> codec pipeline in a few seconds. Weights are re-drawn with a larger spread than
+transformers' init so attention is peaked and a wrong mask changes the result.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import backends_for
+
+import bark_kernels
+from bark_kernels import registry
+from bark_kernels.testing import MODEL_RTOL
+
+transformers = pytest.importorskip("transformers")
+hf_integration = pytest.importorskip("bark_kernels.integrations.transformers")
+from transformers.models.bark import modeling_bark  # noqa: E402
+from transformers.models.bark.generation_configuration_bark import (  # noqa: E402
+    BarkGenerationConfig,
+    BarkSemanticGenerationConfig,
+)
+
+RTOL_FP32_MODEL = MODEL_RTOL[torch.float32]  # model-level parity against transformers, from the one table
+
+# Our attn_implementation names whose backend can run on this machine's CPU (triton: under TRITON_INTERPRET=1).
+_BACKEND_OF = {"triton": "triton", "bark_torch": "sdpa", "bark_eager": "eager"}
+IMPLS = [name for name, backend in _BACKEND_OF.items() if backend in backends_for("cpu")]
+assert "bark_torch" in IMPLS and "bark_eager" in IMPLS, IMPLS
+
+HIDDEN, HEADS, LAYERS, BLOCK = 32, 2, 2, 64
+
+
+def _rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _sub_config(input_vocab, output_vocab, **extra):
+    return dict(block_size=BLOCK, input_vocab_size=input_vocab, output_vocab_size=output_vocab, num_layers=LAYERS,
+                num_heads=HEADS, hidden_size=HIDDEN, dropout=0.0, bias=True, **extra)
+
+
+def _bark_config(**kwargs):
+    codec = transformers.EncodecConfig(hidden_size=16, num_filters=4, codebook_size=1024,
+                                       target_bandwidths=[1.5, 3.0, 6.0])  # 6 kbps / (75 Hz * 10 bits) = 8 codebooks
+    return transformers.BarkConfig(
+        semantic_config=_sub_config(129_600, 10_048),
+        coarse_acoustics_config=_sub_config(12_096, 12_096),
+        fine_acoustics_config=_sub_config(1_056, 1_056, n_codes_total=8, n_codes_given=1),
+        codec_config=codec.to_dict(),
+        **kwargs,
+    )
+
+
+def _generation_config():
+    # Bark's token ids and rates, short windows: prefill 17 semantic positions, coarse windows of 8, fine input 32.
+    # BarkModel.generate reads the sub-configs as dicts, as a checkpoint's generation_config.json provides them.
+    return transformers.GenerationConfig.from_dict(BarkGenerationConfig(
+        semantic_config=dict(max_input_semantic_length=16),
+        coarse_acoustics_config=dict(max_coarse_input_length=16, max_coarse_history=20, sliding_window_len=8),
+        fine_acoustics_config=dict(max_fine_history_length=16, max_fine_input_length=32),
+        codebook_size=1024,
+    ).to_dict())
+
+
+@pytest.fixture(scope="module")
+def eager_model():
+    torch.manual_seed(0)
+    model = transformers.BarkModel(_bark_config(attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("codec_model."):
+                continue
+            if p.dim() >= 2:  # embeddings, projections, heads: peaked attention, spread-out logits
+                p.normal_(0.0, 0.25)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+        for layer in model.codec_model.quantizer.layers:  # HF initialises codebooks to zeros: make them random
+            layer.codebook.embed.normal_()
+    model.generation_config = _generation_config()
+    return model
+
+
+def _twin(eager_model, impl):
+    """The same weights under attn_implementation=impl (strict load: same parameters and buffers)."""
+    model = transformers.BarkModel(_bark_config(attn_implementation=impl)).eval()
+    model.load_state_dict(eager_model.state_dict(), strict=True)
+    model.generation_config = eager_model.generation_config
+    return model
+
+
+def _bark_attention_modules(model):
+    return [m for m in model.modules() if isinstance(m, modeling_bark.BarkSelfAttention)]
+
+
+class _DispatchLog:
+    """Wraps registry.select: records (op, backend, Sq, Sk) of every attention call that reaches a backend op."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real_select = registry.select
+
+        def select(op, device, dtype, head_dim, backend=None, **kw):
+            name, fn = real_select(op, device, dtype, head_dim, backend, **kw)
+
+            def logged(*args, **kwargs):
+                q, k = args[0], args[1]
+                self.calls.append((op, name, q.shape[-3] if q.dim() == 4 else None, k.shape[-3] if k.dim() == 4
+                                   else None))
+                return fn(*args, **kwargs)
+
+            return name, logged
+
+        monkeypatch.setattr(registry, "select", select)
+
+    def ops(self, op):
+        return [c for c in self.calls if c[0] == op]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# registration and loading
+
+
+def test_registered_names_and_modules(eager_model):
+    assert set(hf_integration.IMPLEMENTATIONS) <= set(modeling_bark.BARK_ATTENTION_CLASSES)
+    for name in hf_integration.IMPLEMENTATIONS:
+        assert "flash" not in name and "sdpa" not in name, name
+        assert name in transformers.AttentionInterface._global_mapping
+        assert name in transformers.masking_utils.AttentionMaskInterface._global_mapping
+    model = _twin(eager_model, "triton")
+    mods = _bark_attention_modules(model)
+    assert len(mods) == 3 * LAYERS
+    assert all(m.bark_kernels_backend == "triton" for m in mods)
+    assert sum(m.is_causal for m in mods) == 2 * LAYERS  # semantic, coarse causal; fine not
+    assert bark_kernels.register_transformers() == list(hf_integration.IMPLEMENTATIONS)  # idempotent
+
+
+def test_from_pretrained_and_config(eager_model, tmp_path):
+    # save a twin that keeps its default generation config (saving a BarkGenerationConfig fails validation in 5.24)
+    saved = transformers.BarkModel(_bark_config(attn_implementation="eager"))
+    saved.load_state_dict(eager_model.state_dict(), strict=True)
+    saved.save_pretrained(tmp_path)
+    model = transformers.BarkModel.from_pretrained(tmp_path, attn_implementation="triton")
+    assert model.config._attn_implementation == "triton"
+    assert model.semantic.config._attn_implementation == "triton"
+    mods = _bark_attention_modules(model)
+    assert mods and all(m.bark_kernels_name == "triton" for m in mods)
+    ref = eager_model.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ref[key]), key
+    config = _bark_config()
+    config._attn_implementation = "bark_cuda"  # building does not need CUDA; running does
+    built = transformers.BarkModel(config)
+    assert all(m.bark_kernels_backend == "cuda" for m in _bark_attention_modules(built))
+
+
+def test_lazy_registration_in_a_fresh_process():
+    code = (
+        "import sys, bark_kernels\n"
+        "assert 'transformers' not in sys.modules, 'import bark_kernels imported transformers'\n"
+        "from transformers.models.bark import modeling_bark as mb\n"
+        "assert 'triton' in mb.BARK_ATTENTION_CLASSES, list(mb.BARK_ATTENTION_CLASSES)\n"
+        "assert mb.__loader__.__class__.__name__ != '_RegisteringLoader'\n"
+        "assert not any(type(h).__name__ == '_BarkImportHook' for h in sys.meta_path)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_unsupported_version_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(transformers, "__version__", "4.46.3")
+    with pytest.raises(RuntimeError, match=r"transformers 4\.46\.3 is not supported.*>= 5\.0"):
+        bark_kernels.register_transformers(force=True)
+
+
+def test_other_models_refuse_our_names():
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
+    config._attn_implementation = "triton"
+    model = transformers.GPT2Model(config).eval()
+    with pytest.raises(NotImplementedError, match="Bark models only"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# numerics against eager
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_padded_causal_forward_matches_eager(eager_model, impl, monkeypatch):
+    model = _twin(eager_model, impl)
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 10_048, (3, 12), generator=gen)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, :5] = 0  # left padding
+    mask[1, 9:] = 0  # right padding
+    log = _DispatchLog(monkeypatch)
+    with torch.no_grad():
+        ref = eager_model.semantic(input_ids, attention_mask=mask, use_cache=False).logits
+        out = model.semantic(input_ids, attention_mask=mask, use_cache=False).logits
+    keep = mask.bool()
+    assert _rel_err(out[keep], ref[keep]) <= RTOL_FP32_MODEL
+    varlen = log.ops("attention_varlen")
+    assert len(varlen) == LAYERS and all(c[1] == _BACKEND_OF[impl] for c in varlen), log.calls
+    assert not log.ops("attention")  # the mask was not dropped: every layer took the varlen path
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_padded_prefill_then_decode_with_cache_matches_eager(eager_model, impl, monkeypatch):
+    model = _twin(eager_model, impl)
+    gen = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(0, 12_096, (2, 10), generator=gen)
+    next_ids = torch.randint(0, 12_096, (2, 1), generator=gen)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0  # left padding, as a batched prompt would have
+    mask_next = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    log = _DispatchLog(monkeypatch)
+    results = []
+    with torch.no_grad():
+        for m in (eager_model, model):
+            first = m.coarse_acoustics(input_ids, attention_mask=mask, use_cache=True)
+            second = m.coarse_acoustics(next_ids, attention_mask=mask_next, cache=first.cache, use_cache=True)
+            results.append((first.logits, second.logits))
+    keep = mask.bool()
+    assert _rel_err(results[1][0][keep], results[0][0][keep]) <= RTOL_FP32_MODEL
+    assert _rel_err(results[1][1], results[0][1]) <= RTOL_FP32_MODEL
+    decode = [c for c in log.ops("attention_varlen")]
+    assert len(decode) == 2 * LAYERS, log.calls  # prefill and decode step, every layer, mask kept
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fine_model_noncausal_forward_matches_eager(eager_model, impl, monkeypatch):
+    model = _twin(eager_model, impl)
+    gen = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(0, 1_056, (2, 24, 8), generator=gen)
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 17:] = 0
+    log = _DispatchLog(monkeypatch)
+    with torch.no_grad():
+        for codebook_idx in (1, 5):
+            ref = eager_model.fine_acoustics(codebook_idx, input_ids).logits
+            out = model.fine_acoustics(codebook_idx, input_ids).logits
+            assert _rel_err(out, ref) <= RTOL_FP32_MODEL
+        ref = eager_model.fine_acoustics(3, input_ids, attention_mask=mask).logits
+        out = model.fine_acoustics(3, input_ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert _rel_err(out[keep], ref[keep]) <= RTOL_FP32_MODEL
+    dense = log.ops("attention")
+    assert len(dense) == 2 * LAYERS and all(c[1] == _BACKEND_OF[impl] for c in dense), log.calls
+    assert len(log.ops("attention_varlen")) == LAYERS
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_generate_matches_eager_and_decode_runs_on_our_kernels(eager_model, impl, monkeypatch):
+    model = _twin(eager_model, impl)
+    input_ids = torch.randint(1_000, 20_000, (1, 16), generator=torch.Generator().manual_seed(4))  # 16 text tokens
+    kwargs = dict(semantic_max_new_tokens=6)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        ref_audio = eager_model.generate(input_ids, **kwargs)
+        log = _DispatchLog(monkeypatch)
+        torch.manual_seed(0)
+        audio = model.generate(input_ids, **kwargs)
+    assert ref_audio.shape == audio.shape and ref_audio.shape[-1] > 0
+    assert torch.equal(audio, ref_audio)  # same tokens all the way down -> the very same audio
+    attention = log.ops("attention")
+    assert attention and all(c[1] == _BACKEND_OF[impl] for c in attention)
+    decode_steps = [c for c in attention if c[2] == 1 and c[3] > 1]  # (Sq=1, Sk=past+1): cached decode
+    prefills = [c for c in attention if c[2] > 1 and c[2] == c[3]]
+    assert len(decode_steps) >= 2 * LAYERS, attention  # semantic and coarse decode steps, every layer
+    assert len(decode_steps) % LAYERS == 0 and len(prefills) % LAYERS == 0
+    assert len(decode_steps) + len(prefills) == len(attention)  # nothing else reached a backend
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_semantic_decode_count(eager_model, impl, monkeypatch):
+    """Every generated token after the first is one decode step per layer through the dispatcher."""
+    model = _twin(eager_model, impl)
+    config = BarkSemanticGenerationConfig(**model.generation_config.semantic_config)
+    input_ids = torch.randint(1_000, 20_000, (1, 16), generator=torch.Generator().manual_seed(5))
+    log = _DispatchLog(monkeypatch)
+    with torch.no_grad():
+        out = model.semantic.generate(input_ids, semantic_generation_config=config, max_new_tokens=5)
+        ref = eager_model.semantic.generate(input_ids, semantic_generation_config=config, max_new_tokens=5)
+    assert torch.equal(out, ref)
+    n_new = out.shape[1]
+    calls = log.ops("attention")
+    prefill = [c for c in calls if c[2] == 17]
+    decode = [c for c in calls if c[2] == 1]
+    assert len(prefill) == LAYERS
+    assert len(decode) == LAYERS * (n_new - 1)
+    assert sorted({c[3] for c in decode}) == list(range(18, 17 + n_new))  # Sk grows by one per step
+    assert len(calls) == len(prefill) + len(decode)
+
+
+def test_four_d_mask_and_static_cache_are_refused(eager_model):
+    model = _twin(eager_model, "bark_torch")
+    input_ids = torch.randint(0, 10_048, (1, 6))
+    mask_4d = torch.zeros(1, 1, 6, 6)
+    with torch.no_grad(), pytest.raises(ValueError, match="2-D"):
+        model.semantic(input_ids, attention_mask=mask_4d, use_cache=False)
+    cache = transformers.StaticCache(config=model.semantic.config, max_cache_len=32)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="DynamicCache"):
+        model.semantic(input_ids, cache=cache, use_cache=True)
