@@ -1,0 +1,197 @@
+"""bark.model / bark.model_fine: logits of each sub-model against transformers' BarkModel (fp32, same weights), on
+every attention backend that runs on this machine; prefill/decode with the static KV cache against full forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bark
+import bark_kernels as bk
+from bark.kv_cache import KVCache
+from bark_kernels import registry
+from bark_kernels.testing import MODEL_RTOL
+
+transformers = pytest.importorskip("transformers")
+import bark_tiny  # noqa: E402
+
+RTOL = MODEL_RTOL[torch.float32]
+
+
+def cpu_backends(head_dim: int = 8) -> list[str]:
+    """bark_kernels backends that can serve fp32 attention on CPU in this process (triton runs interpreted)."""
+    return [name for name in bk.available_backends()
+            if registry.why_not(name, "attention", torch.device("cpu"), torch.float32, head_dim) is None]
+
+
+BACKENDS = cpu_backends()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_bark")
+    hf = bark_tiny.save_tiny_bark(path, seed=1, hidden_size=32, num_layers=2, num_heads=2)
+    ours = bark.BarkModel.from_pretrained(path, attn_implementation="eager")
+    return hf, ours
+
+
+def test_backends_listed():
+    assert "eager" in BACKENDS and "sdpa" in BACKENDS
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_semantic_and_coarse_logits_match_transformers(tiny, backend):
+    hf, ours = tiny
+    gen = torch.Generator().manual_seed(0)
+    for name, vocab in (("semantic", 129_600), ("coarse_acoustics", 12_096)):
+        ids = torch.randint(0, vocab, (2, 41), generator=gen)
+        model = getattr(ours, name)
+        model.attn_backend = backend
+        try:
+            with torch.no_grad():
+                out = model(ids)
+                ref = getattr(hf, name)(ids).logits
+        finally:
+            model.attn_backend = "eager"
+        assert out.shape == ref.shape == (2, 41, model.config.output_vocab_size)
+        assert rel_err(out, ref) <= RTOL, f"{name} on {backend}: relative error {rel_err(out, ref):.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fine_logits_match_transformers(tiny, backend):
+    hf, ours = tiny
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 1025, (2, 33, 8), generator=gen)
+    ours.fine_acoustics.attn_backend = backend
+    try:
+        for codebook_idx in range(1, 8):
+            with torch.no_grad():
+                out = ours.fine_acoustics(codebook_idx, ids)
+                ref = hf.fine_acoustics(codebook_idx, ids).logits
+            assert out.shape == ref.shape == (2, 33, 1056)
+            err = rel_err(out, ref)
+            assert err <= RTOL, f"codebook {codebook_idx} on {backend}: relative error {err:.2e}"
+    finally:
+        ours.fine_acoustics.attn_backend = "eager"
+
+
+def test_fine_heads_tied_to_embeddings_1_to_7(tiny):
+    _, ours = tiny
+    fine = ours.fine_acoustics
+    for j, head in enumerate(fine.lm_heads):
+        assert head.weight is fine.input_embeds_layers[j + 1].weight
+    with pytest.raises(ValueError, match="codebook_idx"):
+        fine(0, torch.zeros(1, 4, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_then_decode_equals_full_forward(tiny, backend):
+    """Dense prefill + decode steps through the static cache give the full forward's last-position logits."""
+    _, ours = tiny
+    model = ours.coarse_acoustics
+    model.attn_backend = backend
+    try:
+        gen = torch.Generator().manual_seed(2)
+        ids = torch.randint(0, 12_096, (2, 20), generator=gen)
+        with torch.no_grad():
+            full = model(ids)  # (2, 20, V)
+            cache = model.new_cache(batch=2, max_seqlen=24)
+            hidden = model.prefill(model.embed(ids[:, :16]), cache)
+            assert cache.host_seqlens == [16, 16]
+            assert rel_err(model.lm_logits(hidden), full[:, 15]) <= RTOL
+            for t in range(16, 20):
+                hidden = model.decode_step(ids[:, t], cache)
+                assert rel_err(model.lm_logits(hidden), full[:, t]) <= RTOL, f"decode position {t}"
+            assert cache.seqlens.tolist() == [20, 20] and cache.host_seqlens == [20, 20]
+            # logits of a vocabulary slice only: the same numbers as the full head's columns
+            assert rel_err(model.lm_logits(hidden, 10_000, 11_024), full[:, 19, 10_000:11_024]) <= RTOL
+    finally:
+        model.attn_backend = "eager"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_prefill_and_ragged_decode_equal_each_row_alone(tiny, backend):
+    _, ours = tiny
+    model = ours.semantic
+    model.attn_backend = backend
+    try:
+        gen = torch.Generator().manual_seed(3)
+        rows = [torch.randint(0, 129_600, (n,), generator=gen) for n in (7, 12, 3)]
+        nxt = torch.randint(0, 10_000, (3, 2), generator=gen)
+        with torch.no_grad():
+            cache = model.new_cache(batch=3, max_seqlen=16)
+            hidden = model.prefill_varlen([model.embed(r) for r in rows], cache)
+            first = model.lm_logits(hidden)
+            second = model.lm_logits(model.decode_step(nxt[:, 0], cache))
+            assert cache.host_seqlens == [8, 13, 4]
+            third = model.lm_logits(model.decode_step(nxt[:, 1], cache))
+            for b, r in enumerate(rows):
+                full = model(torch.cat([r, nxt[b]])[None])[0]  # (T_b + 2, V)
+                n = r.shape[0]
+                assert rel_err(first[b], full[n - 1]) <= RTOL, f"row {b} prefill"
+                assert rel_err(second[b], full[n]) <= RTOL, f"row {b} decode 1"
+                assert rel_err(third[b], full[n + 1]) <= RTOL, f"row {b} decode 2"
+    finally:
+        model.attn_backend = "eager"
+
+
+def test_kv_cache_bookkeeping():
+    cache = KVCache(2, 3, 5, 2, 4, torch.float32, "cpu")
+    assert cache.layer(1)[0].shape == (3, 5, 2, 4) and cache.layer(1)[0].is_contiguous()
+    cache.set_lengths([1, 4, 2])
+    cache.advance()
+    assert cache.seqlens.tolist() == [2, 5, 3] and cache.host_seqlens == [2, 5, 3]
+    with pytest.raises(ValueError, match="overflow"):
+        cache.check_room(1)
+    cache.k[:, 2].fill_(7.0)
+    cache.select_rows([2, 0])
+    assert cache.batch == 2 and cache.host_seqlens == [3, 2] and cache.seqlens.tolist() == [3, 2]
+    assert bool((cache.k[:, 0] == 7.0).all()) and not bool((cache.k[:, 1] == 7.0).any())
+    with pytest.raises(ValueError, match="lengths"):
+        cache.set_lengths([1, 2, 3])
+
+
+def test_attn_implementation_mapping(tiny):
+    _, ours = tiny
+    cfg = ours.config
+    assert bark.config.attn_backend_name("flash_attention_2") == "flash_attn"
+    assert bark.config.attn_backend_name("auto") is None
+    with pytest.raises(ValueError, match="attn_implementation"):
+        bark.config.attn_backend_name("xformers")
+    ours.attn_implementation = "sdpa"
+    try:
+        assert ours.attn_backend == "sdpa"
+        assert ours.semantic.attn_backend == ours.coarse_acoustics.attn_backend == ours.fine_acoustics.attn_backend
+    finally:
+        ours.attn_implementation = "eager"
+    missing = [n for n in ("cuda", "flash_attention_2") if bark.config.attn_backend_name(n) not in bk.available_backends()]
+    for name in missing:
+        with pytest.raises(ValueError, match="not available"):
+            ours.attn_implementation = name
+    assert ours.attn_implementation == "eager" and cfg is ours.config
+
+
+def test_real_shapes_configs():
+    small, large = bark.bark_small_config(), bark.bark_config()
+    assert (small.semantic_config.hidden_size, small.semantic_config.num_layers) == (768, 12)
+    assert (large.semantic_config.hidden_size, large.semantic_config.num_layers) == (1024, 24)
+    for cfg in (small, large):
+        assert cfg.semantic_config.input_vocab_size == 129_600 and cfg.semantic_config.output_vocab_size == 10_048
+        assert cfg.coarse_acoustics_config.output_vocab_size == 12_096
+        assert cfg.fine_acoustics_config.output_vocab_size == 1056
+        assert cfg.codec_config.num_quantizers >= 8
+    with torch.device("meta"):
+        model = bark.BarkModel(small)
+    assert model.semantic.layers[0].attn.att_proj.weight.shape == (3 * 768, 768)
+    assert model.fine_acoustics.lm_heads[6].weight is model.fine_acoustics.input_embeds_layers[7].weight
+
+
+def test_config_rejects_inconsistent_token_ids():
+    with pytest.raises(ValueError, match="text_pad_token"):
+        bark.BarkConfig(semantic_config=dict(input_vocab_size=10_048, output_vocab_size=10_048))
+    with pytest.raises(ValueError, match="divisible"):
+        bark.BarkSemanticConfig(hidden_size=30, num_heads=4)
