@@ -20,8 +20,11 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kLanesPerKey = 8;
 constexpr int kGroupsPerWarp = 32 / kLanesPerKey;  // 4
 constexpr int kGroups = kWarps * kGroupsPerWarp;   // 16 keys in flight per CTA and unrolled step
-constexpr int kKeysPerGroupStep = 2;               // keys each group loads before computing (memory parallelism)
-constexpr int kKeysPerStep = kGroups * kKeysPerGroupStep;
+// Keys each group loads before computing (memory parallelism): more for small head dims, whose slices are short.
+template <int D>
+__host__ __device__ constexpr int keys_per_group_step() {
+  return D <= 32 ? 4 : 2;
+}
 
 // ---------------------------------------------------------------------------------------------------------------------
 // Append: grid (Sq, B), each CTA copies one (b, i) row of k_new/v_new (H * D elements each) into the caches.
@@ -80,6 +83,8 @@ __global__ void __launch_bounds__(kThreads) kvcache_split_kernel(const KVCachePa
                                                                  const bool v_aligned) {
   static_assert(D % kLanesPerKey == 0, "head_dim must be a multiple of 8");
   constexpr int E = D / kLanesPerKey;
+  constexpr int kKeysPerGroupStep = keys_per_group_step<D>();
+  constexpr int kKeysPerStep = kGroups * kKeysPerGroupStep;
   __shared__ float s_max[kWarps][kQueries];
   __shared__ float s_sum[kWarps][kQueries];
   __shared__ float s_acc[kWarps][kQueries][D];
