@@ -3,13 +3,11 @@ unpad/pad row kernels, registered as torch custom ops in the ``bark_kernels_trit
 
 Runs on CUDA tensors, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported; that is how CI tests it). Under the interpreter bfloat16 is made exact by ``_interpreter_bf16`` (Triton's
-interpreter otherwise computes on raw uint16 bits). Kernels are imported on first use, so importing this module is
-cheap and works without triton installed (availability() then says why the backend is unusable).
+interpreter otherwise computes on raw uint16 bits). The registry imports this module lazily; without triton installed
+the import still succeeds and availability() says why the backend is unusable.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -24,7 +22,6 @@ ATTENTION_OPS = ("attention", "attention_varlen", "attention_with_kvcache")
 ROWS_OPS = ("gather_rows", "scatter_rows")
 
 
-@functools.cache
 def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
@@ -34,18 +31,22 @@ def _triton_import_error() -> str | None:
     return None
 
 
-@functools.cache
-def _bf16_interpreter_error() -> str | None:
-    """None when bfloat16 is computed correctly under the interpreter (the patch applied), else why not."""
-    from ._interpreter_bf16 import apply
+_IMPORT_ERROR = _triton_import_error()
+_BF16_INTERPRETER_ERROR: str | None = None
+if _IMPORT_ERROR is None:
+    # registers the custom ops (namespace bark_kernels_triton); kernels compile on first launch
+    from . import _ops
 
-    return apply()
+    if interpreter_enabled():
+        # make the interpreter's bfloat16 arithmetic right before any kernel runs (None when it is)
+        from ._interpreter_bf16 import apply as _apply_bf16_patch
+
+        _BF16_INTERPRETER_ERROR = _apply_bf16_patch()
 
 
 def availability() -> str | None:
-    reason = _triton_import_error()
-    if reason is not None:
-        return reason
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
     if interpreter_enabled() or torch.cuda.is_available():
         return None
     return "no CUDA device, and TRITON_INTERPRET=1 (Triton's CPU interpreter) is not set"
@@ -73,40 +74,30 @@ def supports(op: str, device: torch.device, dtype: torch.dtype, head_dim: int) -
     if head_dim not in HEAD_DIMS:
         return f"head_dim {head_dim} is not supported (supported: {list(HEAD_DIMS)})"
     if dtype == torch.bfloat16 and interpreter_enabled():
-        reason = _bf16_interpreter_error()
-        if reason is not None:
-            return f"bfloat16 under the Triton interpreter would compute wrong values: {reason}"
+        if _BF16_INTERPRETER_ERROR is not None:
+            return f"bfloat16 under the Triton interpreter would compute wrong values: {_BF16_INTERPRETER_ERROR}"
     return None
 
 
-@functools.cache
-def _load_ops():
-    if interpreter_enabled():
-        _bf16_interpreter_error()  # patch the interpreter's bfloat16 handling before any kernel runs
-    from . import _ops as ops
-
-    return ops
-
-
 def attention(q, k, v, causal, softmax_scale):
-    return _load_ops().attention(q, k, v, bool(causal), float(softmax_scale))
+    return _ops.attention(q, k, v, bool(causal), float(softmax_scale))
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
-    return _load_ops().attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+    return _ops.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                                    bool(causal), float(softmax_scale))
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, causal, softmax_scale):
-    return _load_ops().attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, bool(causal), float(softmax_scale))
+    return _ops.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, bool(causal), float(softmax_scale))
 
 
 def gather_rows(x, indices):
-    return _load_ops().gather_rows(x, indices)
+    return _ops.gather_rows(x, indices)
 
 
 def scatter_rows(x, indices, n):
-    return _load_ops().scatter_rows(x, indices, int(n))
+    return _ops.scatter_rows(x, indices, int(n))
 
 
 OPS = {

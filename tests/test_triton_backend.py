@@ -1,0 +1,354 @@
+"""Things specific to the Triton backend: capability reasons, head dims, strided fused-qkv views, split-K decode with
+several splits, writes that never leave the appended rows, the bf16 interpreter patch, the custom ops (opcheck, fake
+implementations, torch.compile fullgraph), no host sync in the decode path, and CUDA-graph capture (GPU only).
+
+Runs on CUDA when present, otherwise on CPU under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+The cross-backend parity suite (tests/test_attention.py, test_kvcache.py, ...) covers the common semantics.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_qkv
+
+import bark_kernels as bk
+from bark_kernels import registry
+from bark_kernels.backends import eager
+from bark_kernels.testing import (
+    assert_close_to_reference,
+    reference_attention,
+    reference_attention_with_kvcache,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+triton_backend = pytest.importorskip("bark_kernels.backends.triton")
+
+_reason = registry.why_not("triton", "attention", torch.device(DEVICE), torch.float32, 64)
+pytestmark = pytest.mark.skipif(_reason is not None, reason=f"triton backend unavailable on {DEVICE}: {_reason}")
+
+
+def _launchers():
+    from bark_kernels.backends.triton import _launchers
+
+    return _launchers
+
+
+def _ops():
+    from bark_kernels.backends.triton import _ops
+
+    return _ops
+
+
+def _cache(batch, max_seqlen, nheads, head_dim, dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(batch, max_seqlen, nheads, head_dim, generator=gen).to(dtype=dtype, device=DEVICE)
+    v_cache = torch.randn(batch, max_seqlen, nheads, head_dim, generator=gen).to(dtype=dtype, device=DEVICE)
+    return k_cache, v_cache
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# capability checks
+
+
+def test_supports_reasons():
+    dev = torch.device(DEVICE)
+    assert triton_backend.supports("attention", dev, torch.float16, 64) is None
+    assert "head_dim 48" in triton_backend.supports("attention", dev, torch.float16, 48)
+    assert "head_dim 256" in triton_backend.supports("attention_with_kvcache", dev, torch.float16, 256)
+    assert "float64" in triton_backend.supports("attention", dev, torch.float64, 64)
+    assert "int64" in triton_backend.supports("gather_rows", dev, torch.int64, 1)
+    assert triton_backend.supports("gather_rows", dev, torch.float64, 1) is None
+    assert "device type" in triton_backend.supports("attention", torch.device("meta"), torch.float16, 64)
+
+
+def test_unsupported_head_dim_explicit_raises_and_auto_falls_back():
+    q, k, v = make_qkv(1, 5, 5, 2, 48, torch.float32, DEVICE)
+    with pytest.raises(registry.BackendUnavailableError, match="head_dim 48"):
+        bk.attention(q, k, v, backend="triton")
+    name, _ = registry.select("attention", q.device, q.dtype, 48)
+    assert name != "triton"
+    out = bk.attention(q, k, v, causal=True)  # automatic choice serves it through a fallback
+    assert_close_to_reference(out, reference_attention(q, k, v, True), eager.attention(q, k, v, True, 48 ** -0.5),
+                              torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# dense forward specifics
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+def test_head_dims(head_dim):
+    dtype = torch.float16
+    q, k, v = make_qkv(1, 19, 70, 2, head_dim, dtype, DEVICE, seed=head_dim)
+    out = bk.attention(q, k, v, causal=True, backend="triton")
+    baseline = bk.attention(q, k, v, causal=True, backend="eager")
+    assert_close_to_reference(out, reference_attention(q, k, v, True), baseline, dtype, name=f"D={head_dim}")
+
+
+def test_rows_without_keys_are_exactly_zero():
+    """Causal with Sq > Sk: the first Sq - Sk queries see no key and must be exactly 0 (not NaN)."""
+    q, k, v = make_qkv(2, 40, 9, 2, 32, torch.float32, DEVICE)
+    out = bk.attention(q, k, v, causal=True, backend="triton")
+    assert torch.equal(out[:, :31], torch.zeros_like(out[:, :31]))
+    assert torch.count_nonzero(out[:, 31:]) > 0
+    baseline = bk.attention(q, k, v, causal=True, backend="eager")
+    assert_close_to_reference(out, reference_attention(q, k, v, True), baseline, torch.float32)
+
+
+def test_strided_views_are_not_copied(monkeypatch):
+    """q/k/v as views of one fused projection (and a head-major transpose) are read through their strides."""
+    dtype = torch.float16
+    q, k, v = make_qkv(2, 33, 33, 3, 64, dtype, DEVICE, fused=True, seed=3)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    v_t = v.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) with head-major memory
+    calls = []
+    original = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous",
+                        lambda self, *a, **kw: calls.append(tuple(self.shape)) or original(self, *a, **kw))
+    out = _launchers().attention_fwd(q, k, v_t, True, 64 ** -0.5)
+    monkeypatch.undo()
+    assert calls == []
+    baseline = eager.attention(q, k, v_t, True, 64 ** -0.5)
+    assert_close_to_reference(out, reference_attention(q, k, v_t, True), baseline, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KV-cache decode: split-K, fused append, bounds
+
+
+@pytest.mark.parametrize("num_splits,seqlen_q", [(1, 1), (3, 1), (8, 1), (4, 5)])
+def test_split_k_decode(num_splits, seqlen_q):
+    """Long cache split over several blocks, rows of length 0 / short / full; the result and the appended cache match
+    the reference, and every other cache slot is untouched bit for bit."""
+    dtype = torch.float16
+    batch, max_seqlen, nheads, head_dim = 3, 1024, 2, 64
+    k_cache, v_cache = _cache(batch, max_seqlen, nheads, head_dim, dtype)
+    cache_seqlens = torch.tensor([0, 150, max_seqlen - seqlen_q], dtype=torch.int32, device=DEVICE)
+    q, k, v = make_qkv(batch, seqlen_q, seqlen_q, nheads, head_dim, dtype, DEVICE, seed=4)
+    ref, k_expected, v_expected = reference_attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens)
+    baseline = eager.attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), k, v, cache_seqlens, True,
+                                            head_dim ** -0.5)
+    out = _launchers().attention_kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, True, head_dim ** -0.5,
+                                             num_splits=num_splits)
+    assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
+    assert_close_to_reference(out, ref, baseline, dtype, name=f"split-K {num_splits}")
+
+
+def test_default_split_heuristic_uses_host_shapes_only():
+    launchers = _launchers()
+    dev = torch.device(DEVICE)
+    assert launchers.choose_num_splits(10_000, 1024, 128, dev) == 1  # a full grid needs no split
+    few = launchers.choose_num_splits(1, 1024, 128, dev)
+    assert 1 <= few <= 1024 // launchers.MIN_KEYS_PER_SPLIT
+    if DEVICE == "cuda":
+        assert few > 1
+
+
+def test_append_never_writes_outside_the_cache():
+    """Unchecked overflow (cache_seqlens + Sq > S_max): only rows inside the cache are written; the memory right
+    after each cache row (same storage) stays bit-identical."""
+    dtype = torch.float32
+    batch, max_seqlen, nheads, head_dim, seqlen_q = 2, 64, 2, 32, 4
+    gen = torch.Generator().manual_seed(9)
+    storage_k = torch.randn(batch, max_seqlen + 8, nheads, head_dim, generator=gen).to(DEVICE)
+    storage_v = torch.randn(batch, max_seqlen + 8, nheads, head_dim, generator=gen).to(DEVICE)
+    before_k, before_v = storage_k.clone(), storage_v.clone()
+    k_cache, v_cache = storage_k[:, :max_seqlen], storage_v[:, :max_seqlen]  # (B, S_max, H, D) views
+    cache_seqlens = torch.tensor([max_seqlen - 2, 10], dtype=torch.int32, device=DEVICE)
+    q, k, v = make_qkv(batch, seqlen_q, seqlen_q, nheads, head_dim, dtype, DEVICE, seed=10)
+    bk.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, backend="triton",
+                              check_bounds=False)
+    assert torch.equal(storage_k[:, max_seqlen:], before_k[:, max_seqlen:])
+    assert torch.equal(storage_v[:, max_seqlen:], before_v[:, max_seqlen:])
+    # row 0: the two rows that fit were written, row 1: the normal append
+    assert torch.equal(k_cache[0, max_seqlen - 2:], k[0, :2]) and torch.equal(v_cache[0, max_seqlen - 2:], v[0, :2])
+    assert torch.equal(k_cache[1, 10:14], k[1]) and torch.equal(k_cache[1, :10], before_k[1, :10])
+    assert torch.equal(k_cache[1, 14:], before_k[1, 14:max_seqlen])
+
+
+def test_decode_path_has_no_host_sync(monkeypatch):
+    """The KV-cache op never reads a device value on the host (the decode step must be CUDA-graph capturable)."""
+    dtype = torch.float32
+    k_cache, v_cache = _cache(2, 512, 2, 64, dtype)
+    cache_seqlens = torch.tensor([3, 400], dtype=torch.int32, device=DEVICE)
+    q, k, v = make_qkv(2, 1, 1, 2, 64, dtype, DEVICE)
+    ref, _, _ = reference_attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens)
+    baseline = eager.attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), k, v, cache_seqlens, True, 0.125)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync on the decode path")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    out = triton_backend.OPS["attention_with_kvcache"](q, k_cache, v_cache, k, v, cache_seqlens, True, 0.125)
+    monkeypatch.undo()
+    assert_close_to_reference(out, ref, baseline, dtype)
+
+
+def test_varlen_lengths_zero_and_one():
+    dtype = torch.float16
+    lengths_q, lengths_k = [0, 1, 17, 1], [0, 1, 30, 5]
+    cu_q = torch.tensor([0, 0, 1, 18, 19], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 0, 1, 31, 36], dtype=torch.int32, device=DEVICE)
+    q, _, _ = make_qkv(1, sum(lengths_q), 1, 2, 32, dtype, DEVICE, seed=11)
+    _, k, v = make_qkv(1, 1, sum(lengths_k), 2, 32, dtype, DEVICE, seed=12)
+    q, k, v = q[0], k[0], v[0]  # packed (total, H, D)
+    out = bk.attention_varlen(q, k, v, cu_q, cu_k, 17, 30, causal=True, backend="triton")
+    baseline = bk.attention_varlen(q, k, v, cu_q, cu_k, 17, 30, causal=True, backend="eager")
+    from bark_kernels.testing import reference_attention_varlen
+
+    assert_close_to_reference(out, reference_attention_varlen(q, k, v, cu_q, cu_k, True), baseline, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# gather / scatter
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_gather_scatter_rows_exact(dtype):
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(300, 37, generator=gen).to(dtype=dtype, device=DEVICE)  # F not a power of two
+    indices = torch.randperm(300, generator=gen)[:150].to(DEVICE)
+    gathered = triton_backend.OPS["gather_rows"](x, indices)
+    assert torch.equal(gathered, x[indices])
+    scattered = triton_backend.OPS["scatter_rows"](gathered, indices, 300)
+    expected = torch.zeros_like(x)
+    expected[indices] = x[indices]
+    assert torch.equal(scattered, expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bfloat16 under the interpreter
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the bf16 interpreter patch only matters on CPU")
+def test_bf16_interpreter_patch_is_active_and_right():
+    from bark_kernels.backends.triton import _interpreter_bf16
+
+    assert _interpreter_bf16.apply() is None
+    assert triton_backend.supports("attention", torch.device("cpu"), torch.bfloat16, 64) is None
+    assert _interpreter_bf16._self_test() is None  # re-run the probe kernel: bf16 math, casts, dot match PyTorch
+
+
+def test_bf16_split_k_decode():
+    dtype = torch.bfloat16
+    k_cache, v_cache = _cache(2, 512, 2, 64, dtype, seed=14)
+    cache_seqlens = torch.tensor([500, 77], dtype=torch.int32, device=DEVICE)
+    q, k, v = make_qkv(2, 2, 2, 2, 64, dtype, DEVICE, seed=15)
+    ref, k_expected, _ = reference_attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens)
+    baseline = eager.attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), k, v, cache_seqlens, True, 0.125)
+    out = _launchers().attention_kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, True, 0.125, num_splits=2)
+    assert torch.equal(k_cache, k_expected)
+    assert_close_to_reference(out, ref, baseline, dtype, name="bf16 split-K")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# custom ops: schema, fake implementations, torch.compile
+
+
+def test_opcheck_attention_ops():
+    ops = torch.ops.bark_kernels_triton
+    _ops()  # registers the ops
+    q, k, v = make_qkv(1, 17, 17, 2, 32, torch.float32, DEVICE, fused=True)
+    torch.library.opcheck(ops.attention, (q, k, v, True, 0.2))
+    cu = torch.tensor([0, 7, 17], dtype=torch.int32, device=DEVICE)
+    qp, kp, vp = q[0], k[0], v[0]  # packed (total, H, D), strided
+    torch.library.opcheck(ops.attention_varlen, (qp, kp, vp, cu, cu, 10, 10, True, 0.2))
+    k_cache, v_cache = _cache(1, 40, 2, 32, torch.float32)
+    cache_seqlens = torch.tensor([5], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(ops.attention_with_kvcache, (q[:, :2], k_cache, v_cache, k[:, :2], v[:, :2],
+                                                       cache_seqlens, True, 0.2))
+    torch.library.opcheck(ops.attention_with_kvcache, (q[:, :1], k_cache, v_cache, None, None, cache_seqlens,
+                                                       False, 0.2))
+
+
+def test_opcheck_row_ops():
+    ops = torch.ops.bark_kernels_triton
+    _ops()
+    x = torch.randn(20, 12, device=DEVICE)
+    indices = torch.tensor([3, 0, 19, 7], device=DEVICE)
+    torch.library.opcheck(ops.gather_rows, (x, indices))
+    torch.library.opcheck(ops.scatter_rows, (x[:4].clone(), indices, 20))
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _ops()
+    with FakeTensorMode():
+        q = torch.empty(2, 1, 4, 64, device=DEVICE)
+        k_cache = torch.empty(2, 128, 4, 64, device=DEVICE)
+        lens = torch.empty(2, dtype=torch.int32, device=DEVICE)
+        out = torch.ops.bark_kernels_triton.attention_with_kvcache(q, k_cache, k_cache.clone(), q, q, lens, True,
+                                                                   0.1)
+        assert out.shape == (2, 1, 4, 64)
+        x = torch.empty(9, 5, device=DEVICE)
+        idx = torch.empty(4, dtype=torch.int64, device=DEVICE)
+        assert torch.ops.bark_kernels_triton.gather_rows(x, idx).shape == (4, 5)
+        assert torch.ops.bark_kernels_triton.scatter_rows(x, idx, 30).shape == (30, 5)
+
+
+def test_torch_compile_fullgraph():
+    """A function calling the op compiles with fullgraph=True (aot_eager: traced through the fake implementation,
+    no inductor codegen, so it stays fast on CPU) and gives the eager result."""
+    torch._dynamo.reset()
+    _ops()
+
+    def block(x, w):
+        qkv = x @ w  # (B, T, 3 * H * D)
+        q, k, v = qkv.view(x.shape[0], x.shape[1], 3, 2, 32).unbind(2)  # (B, T, H, D) strided views
+        return bk.attention(q, k, v, causal=True, backend="triton").sum(-1)
+
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(1, 9, 16, generator=gen).to(DEVICE)
+    w = torch.randn(16, 3 * 64, generator=gen).to(DEVICE)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(x, w), block(x, w), rtol=0, atol=0)
+
+
+def test_torch_compile_kvcache_mutation():
+    """The in-place append survives compilation (mutates_args declared): the cache is written by the compiled call."""
+    torch._dynamo.reset()
+    _ops()
+    k_cache, v_cache = _cache(1, 32, 2, 32, torch.float32)
+    expected_k = k_cache.clone()
+    lens = torch.tensor([4], dtype=torch.int32, device=DEVICE)
+    q, k, v = make_qkv(1, 1, 1, 2, 32, torch.float32, DEVICE, seed=17)
+    expected_k[0, 4] = k[0, 0]
+
+    def step(q, k, v, k_cache, v_cache, lens):
+        return bk.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, backend="triton",
+                                         check_bounds=False)
+
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, k_cache, v_cache, lens)
+    assert torch.equal(k_cache, expected_k)
+    assert out.shape == q.shape
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
+def test_cuda_graph_capture_decode():
+    dtype = torch.float16
+    k_cache, v_cache = _cache(4, 1024, 4, 64, dtype)
+    lens = torch.tensor([0, 10, 500, 1000], dtype=torch.int32, device="cuda")
+    q, k, v = make_qkv(4, 1, 1, 4, 64, dtype, "cuda", seed=18)
+    static = [t.clone() for t in (q, k, v)]
+    for _ in range(2):  # warm up (compiles the kernels) outside the capture, on copies of the caches
+        triton_backend.OPS["attention_with_kvcache"](*static[:1], k_cache.clone(), v_cache.clone(), *static[1:],
+                                                     lens, True, 0.125)
+    ref, k_expected, _ = reference_attention_with_kvcache(q, k_cache, v_cache, k, v, lens)
+    baseline = eager.attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), k, v, lens, True, 0.125)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_backend.OPS["attention_with_kvcache"](static[0], k_cache, v_cache, static[1], static[2], lens,
+                                                           True, 0.125)
+    graph.replay()  # capture only recorded the kernels: the replay appends and attends
+    torch.cuda.synchronize()
+    assert torch.equal(k_cache, k_expected)
+    assert_close_to_reference(out, ref, baseline, dtype, name="graph replay")
