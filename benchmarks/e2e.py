@@ -1,7 +1,392 @@
-"""End to end (placeholder until bark.BarkModel lands)."""
+"""End to end: our ``bark.BarkModel`` against transformers' ``BarkModel`` on the same random weights.
+
+Both models are built from one configuration with Bark's real shapes (``bark.bark_small_config()`` /
+``bark.bark_config()``; quick mode: a tiny configuration, labelled): transformers' model is initialised randomly (seeded)
+and its state dict is copied into ours with ``bark.loading.load_state_dict_into`` (the same strict path that loads
+real checkpoints). Both then generate from the same text ids with the same settings:
+
+- greedy decoding (``do_sample=False``, transformers' Bark default) so both do the same work;
+- EOS suppressed identically so every run produces exactly ``semantic_tokens`` semantic tokens and therefore the same
+  number of coarse and fine frames and the same audio length (see ``EOS_METHOD``);
+- no voice preset (history_prompt=None).
+
+Per stage (semantic, coarse, fine, codec) the wall time is measured around that stage's call with the device
+synchronised before and after; total, seconds per 10 s of generated audio (real-time factor x 10), tokens/s and peak
+GPU memory come from the same run. Each configuration is timed once after a warm-up generation (GPU only, short).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
-def run_e2e(device, quick, budget, progress=None) -> dict:
-    return {"status": "skipped", "reason": "bark.BarkModel not available", "runs": []}
+import torch
+
+logger = logging.getLogger("benchmarks")
+
+EOS_METHOD = (
+    "EOS suppressed identically in both: semantic generation is called with min_new_tokens = max_new_tokens = N "
+    "(transformers: `semantic_min_new_tokens=N, semantic_max_new_tokens=N`, which adds its MinNewTokensLength "
+    "processor setting the EOS logit (10_000) to -inf for the first N tokens; ours: the same two arguments). "
+    "min_eos_p stays None (no early stop); coarse and fine lengths follow from N, so both produce the same audio "
+    "length, which is checked."
+)
+
+
+@dataclass
+class E2EPlan:
+    label: str
+    models: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    batches: tuple[int, ...]
+    semantic_tokens: int
+    warmup_tokens: int  # 0: no warm-up generation
+    text_tokens: int = 32  # non-pad text tokens per row (the rest of the 256 is padding)
+
+
+def gpu_plan(quick: bool) -> E2EPlan:
+    if quick:
+        return E2EPlan("gpu quick: bark-small fp16 batch 1, 64 semantic tokens", ("bark-small",), (torch.float16,),
+                       (1,), 64, 8)
+    # 256 semantic tokens = 5.1 s of audio: the whole matrix fits the 8-minute budget; figures are also given per
+    # 10 s of audio (measured seconds scaled by 10 / measured audio seconds).
+    return E2EPlan("gpu: 256 semantic tokens (5.1 s of audio) per run", ("bark-small", "bark"),
+                   (torch.float32, torch.float16, torch.bfloat16), (1, 4, 16), 256, 16)
+
+
+def cpu_plan(quick: bool) -> E2EPlan:
+    if quick:
+        return E2EPlan("cpu quick: TINY model (2 layers, 64 wide; not Bark's shapes), 8 semantic tokens", ("tiny",),
+                       (torch.float32,), (1,), 8, 0)
+    return E2EPlan("cpu: bark-small fp32 batch 1, 16 semantic tokens (0.3 s of audio), same torch threads for both",
+                   ("bark-small",), (torch.float32,), (1,), 16, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# building the two models
+
+
+def ours_available() -> str | None:
+    """None when bark.BarkModel can run the benchmark, else why not."""
+    try:
+        import bark
+    except Exception as exc:
+        return f"bark.BarkModel not available (import bark failed: {type(exc).__name__}: {exc})"
+    if not hasattr(bark, "BarkModel"):
+        return "bark.BarkModel not available (bark has no BarkModel)"
+    try:
+        import bark.generation  # noqa: F401
+        from bark.loading import load_state_dict_into  # noqa: F401
+    except Exception as exc:
+        return f"bark.BarkModel not available (generation/loading: {type(exc).__name__}: {exc})"
+    return None
+
+
+def transformers_available() -> str | None:
+    try:
+        import transformers  # noqa: F401
+        from transformers import BarkModel  # noqa: F401
+    except Exception as exc:
+        return f"transformers' BarkModel not importable: {type(exc).__name__}: {exc}"
+    return None
+
+
+def bark_config_for(model: str):
+    import bark
+
+    if model == "bark-small":
+        return bark.bark_small_config()
+    if model == "bark":
+        return bark.bark_config()
+    if model == "tiny":
+        return _tiny_config()
+    raise ValueError(f"model: expected 'bark-small', 'bark' or 'tiny', got {model!r}")
+
+
+def _tiny_config():
+    """Bark's vocabularies and token ids, 2 layers of width 64, a small codec and short fine windows (quick mode)."""
+    import bark
+    from bark.codec import EncodecDecoderConfig
+
+    real = bark.bark_small_config().to_dict()
+    for name in ("semantic_config", "coarse_acoustics_config", "fine_acoustics_config"):
+        real[name].update(num_layers=2, num_heads=2, hidden_size=64)
+    real["codec_config"] = EncodecDecoderConfig(hidden_size=32, num_filters=8,
+                                                target_bandwidths=(1.5, 6.0)).to_dict()
+    gen = real["generation_config"]
+    gen["fine_acoustics_config"].update(max_fine_input_length=64, max_fine_history_length=32)
+    return bark.BarkConfig.from_dicts(real, gen)
+
+
+def hf_model_for(config, device: torch.device, seed: int = 0):
+    """transformers' BarkModel with the shapes of our ``config``, random weights (seeded), eval, fp32, on device."""
+    import transformers
+
+    d = config.to_dict()
+    codec = {k: v for k, v in d["codec_config"].items() if k != "num_quantizers"}
+    hf_config = transformers.BarkConfig(semantic_config=d["semantic_config"],
+                                        coarse_acoustics_config=d["coarse_acoustics_config"],
+                                        fine_acoustics_config=d["fine_acoustics_config"], codec_config=codec)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.BarkModel(hf_config)
+    model.eval()
+    g = d["generation_config"]
+    from transformers.models.bark.generation_configuration_bark import BarkGenerationConfig
+
+    full = BarkGenerationConfig(semantic_config=g["semantic_config"], coarse_acoustics_config=g["coarse_acoustics_config"],
+                                fine_acoustics_config=g["fine_acoustics_config"], sample_rate=g["sample_rate"],
+                                codebook_size=g["codebook_size"])
+    # BarkModel.generate reads the sub-configs as dicts, as a generation_config.json loaded from the hub gives them.
+    model.generation_config = transformers.GenerationConfig(
+        semantic_config=full.semantic_config.to_dict(), coarse_acoustics_config=full.coarse_acoustics_config.to_dict(),
+        fine_acoustics_config=full.fine_acoustics_config.to_dict(), sample_rate=full.sample_rate,
+        codebook_size=full.codebook_size)
+    return model
+
+
+def ours_from_hf(config, hf_model, device: torch.device, attn_implementation: str = "auto"):
+    """Our BarkModel with transformers' weights, loaded strictly (as from a checkpoint)."""
+    import bark
+    from bark.loading import load_state_dict_into
+
+    with torch.device("meta"):
+        model = bark.BarkModel(config, attn_implementation=attn_implementation)
+    model = model.to_empty(device=device)
+    if config.fine_acoustics_config.tie_word_embeddings:
+        model.fine_acoustics.tie_weights()
+    load_state_dict_into(model, hf_model.state_dict(), {})
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# timing stages
+
+
+class StageClock:
+    """Wall time of each stage: wraps a callable so the device is synchronised before and after it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.outputs: dict[str, object] = {}
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, stage: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.sync()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+            self.outputs[stage] = out
+            return out
+
+        return timed
+
+
+@contextlib.contextmanager
+def _patched(obj, name: str, replacement):
+    """Set ``obj.name`` (an instance attribute over a method) for the duration of the block."""
+    had = name in vars(obj)
+    old = vars(obj).get(name)
+    setattr(obj, name, replacement)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
+
+
+def generate_hf(model, input_ids, attention_mask, semantic_tokens: int, clock: StageClock):
+    """transformers' own BarkModel.generate, each stage timed through its sub-model call."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(model.semantic, "generate", clock.wrap("semantic", model.semantic.generate)))
+        stack.enter_context(_patched(model.coarse_acoustics, "generate",
+                                     clock.wrap("coarse", model.coarse_acoustics.generate)))
+        stack.enter_context(_patched(model.fine_acoustics, "generate",
+                                     clock.wrap("fine", model.fine_acoustics.generate)))
+        stack.enter_context(_patched(model, "codec_decode", clock.wrap("codec", model.codec_decode)))
+        with torch.no_grad():
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                  semantic_min_new_tokens=semantic_tokens, semantic_max_new_tokens=semantic_tokens)
+
+
+def generate_ours(model, input_ids, attention_mask, semantic_tokens: int, clock: StageClock):
+    """Our BarkModel.generate with the same settings, each stage timed (see _ours_stage_hooks)."""
+    import bark.generation as gen
+
+    with contextlib.ExitStack() as stack:
+        for stage, attr in OURS_STAGE_FUNCTIONS.items():
+            stack.enter_context(_patched_module(gen, attr, clock.wrap(stage, getattr(gen, attr))))
+        with torch.no_grad():
+            return model.generate(input_ids, attention_mask=attention_mask,
+                                  semantic_min_new_tokens=semantic_tokens, semantic_max_new_tokens=semantic_tokens)
+
+
+# stage -> function name in bark.generation that bark.generation.generate calls for it
+OURS_STAGE_FUNCTIONS = {"semantic": "generate_semantic", "coarse": "generate_coarse", "fine": "generate_fine",
+                        "codec": "decode_codec"}
+
+
+@contextlib.contextmanager
+def _patched_module(module, name: str, replacement):
+    old = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the section
+
+
+def _inputs(batch: int, text_tokens: int, device: torch.device, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, 119_547, (batch, 256), generator=g)  # BERT multilingual vocabulary
+    attention_mask = torch.zeros(batch, 256, dtype=torch.long)
+    attention_mask[:, :text_tokens] = 1
+    input_ids = input_ids * attention_mask  # padding ids 0, as the processor gives them
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _one_run(impl: str, model, batch: int, plan: E2EPlan, device: torch.device, sample_rate: int) -> dict:
+    input_ids, attention_mask = _inputs(batch, plan.text_tokens, device)
+    generate = generate_hf if impl == "transformers" else generate_ours
+    if plan.warmup_tokens:
+        generate(model, input_ids, attention_mask, plan.warmup_tokens, StageClock(device))
+    clock = StageClock(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    audio = generate(model, input_ids, attention_mask, plan.semantic_tokens, clock)
+    clock.sync()
+    total = time.perf_counter() - t0
+    if isinstance(audio, tuple):
+        audio = audio[0]
+    semantic = clock.outputs.get("semantic")
+    coarse = clock.outputs.get("coarse")
+    if isinstance(coarse, tuple):
+        coarse = coarse[0]
+    n_sem = int(semantic.shape[-1]) if isinstance(semantic, torch.Tensor) else None
+    n_coarse = int(coarse.shape[-1]) if isinstance(coarse, torch.Tensor) else None
+    audio_s = audio.shape[-1] / sample_rate
+    f = {"total_s": {"value": total, "unit": "s"},
+         "audio_seconds": {"value": audio_s, "unit": "s of audio per row (measured output length)"},
+         "seconds_per_10s_audio": {"value": total * 10.0 / audio_s, "unit": "s per 10 s of audio (per row)"},
+         "audio_seconds_per_second": {"value": batch * audio_s / total, "unit": "s of audio per wall s (all rows)"}}
+    for stage in ("semantic", "coarse", "fine", "codec"):
+        if stage in clock.seconds:
+            f[f"{stage}_s"] = {"value": clock.seconds[stage], "unit": "s"}
+    if n_sem is not None and "semantic_s" in f:
+        f["semantic_tokens"] = {"value": n_sem, "unit": "tokens per row"}
+        f["semantic_tokens_per_s"] = {"value": batch * n_sem / clock.seconds["semantic"],
+                                      "unit": "tokens/s (all rows)"}
+    if n_coarse is not None and "coarse_s" in f:
+        f["coarse_tokens"] = {"value": n_coarse, "unit": "tokens per row (both codebooks interleaved)"}
+        f["coarse_tokens_per_s"] = {"value": batch * n_coarse / clock.seconds["coarse"],
+                                    "unit": "tokens/s (all rows)"}
+    if device.type == "cuda":
+        f["peak_gpu_memory"] = {"value": torch.cuda.max_memory_allocated(device) / 2**30, "unit": "GiB"}
+    return f
+
+
+def run_e2e(device: torch.device, quick: bool, budget, progress=None) -> dict:
+    """Run the end-to-end plan for ``device``; returns {"status", "reason"?, "plan", "method", "runs": [...]}."""
+    plan = gpu_plan(quick) if device.type == "cuda" else cpu_plan(quick)
+    result = {"status": "ok", "plan": plan.label, "method": EOS_METHOD, "runs": [],
+              "torch_threads": torch.get_num_threads()}
+    reason = transformers_available()
+    if reason:
+        return dict(result, status="skipped", reason=reason)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # its per-call deprecation notices about generation kwargs
+    ours_reason = ours_available()
+    runs = result["runs"]
+    last_seconds: dict[tuple[str, str], float] = {}
+    order = [(m, d, b) for m in plan.models for b in plan.batches for d in plan.dtypes]
+    order.sort(key=lambda mdb: (plan.models.index(mdb[0]), mdb[2] != 1, mdb[2], plan.dtypes.index(mdb[1])))
+    built: dict[str, tuple] = {}
+    for model_name, dtype, batch in (progress(order, desc="e2e") if progress else order):
+        params = {"model": model_name, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
+                  "semantic_tokens": plan.semantic_tokens, "attn": "auto"}
+        if model_name not in built:
+            built.clear()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            try:
+                config = bark_config_for(model_name)
+                hf = hf_model_for(config, device)
+                ours = ours_from_hf(config, hf, device) if ours_reason is None else None
+                built[model_name] = (config, hf, ours, torch.float32)
+            except Exception as exc:
+                why = f"building the models failed: {type(exc).__name__}: {exc}"
+                logger.warning("e2e %s: %s", model_name, why)
+                for impl in ("transformers", "ours"):
+                    runs.append({"section": "e2e", "provider": impl, "params": params, "figures": {},
+                                 "status": "failed", "reason": why})
+                continue
+        config, hf, ours, current = built[model_name]
+        if current != dtype:
+            hf.to(dtype)
+            if ours is not None:
+                ours.to(dtype)
+            built[model_name] = (config, hf, ours, dtype)
+        pair = {}
+        for impl, model in (("transformers", hf), ("ours", ours)):
+            rec = {"section": "e2e", "provider": impl, "params": dict(params), "figures": {}}
+            runs.append(rec)
+            if model is None:
+                rec.update(status="skipped", reason=ours_reason)
+                continue
+            estimate = last_seconds.get((impl, model_name), 0.0) * (1.0 if device.type == "cuda" else batch)
+            if budget.left() < max(5.0, 1.2 * estimate):
+                rec.update(status="skipped", reason=f"time budget: {budget.left():.0f} s left, a run of this "
+                                                    f"configuration is estimated at {estimate:.0f} s")
+                continue
+            try:
+                rec["figures"] = _one_run(impl, model, batch, plan, device, config.generation_config.sample_rate)
+            except Exception as exc:
+                rec.update(status="failed", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+                logger.warning("e2e %s %s failed: %s", impl, params, rec["reason"])
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            rec["status"] = "ok"
+            last_seconds[(impl, model_name)] = rec["figures"]["total_s"]["value"]
+            pair[impl] = rec
+        if "ours" in pair and "transformers" in pair:
+            o, t = pair["ours"]["figures"], pair["transformers"]["figures"]
+            o["speedup_vs_transformers"] = {"value": t["total_s"]["value"] / o["total_s"]["value"],
+                                            "unit": "x (transformers total s / ours, same dtype and batch)"}
+            same = abs(o["audio_seconds"]["value"] - t["audio_seconds"]["value"]) < 1e-9
+            o["same_audio_length_as_transformers"] = {"value": same, "unit": "bool"}
+    # speedup against transformers as users run it by default: fp32, same model and batch
+    by = {(r["provider"], r["params"]["model"], r["params"]["dtype"], r["params"]["batch"]): r
+          for r in runs if r.get("status") == "ok"}
+    for r in runs:
+        if r["provider"] == "ours" and r.get("status") == "ok":
+            base = by.get(("transformers", r["params"]["model"], "float32", r["params"]["batch"]))
+            if base is not None:
+                r["figures"]["speedup_vs_transformers_fp32"] = {
+                    "value": base["figures"]["total_s"]["value"] / r["figures"]["total_s"]["value"],
+                    "unit": "x (transformers fp32 total s / ours, same batch)"}
+    if not any(r.get("status") == "ok" for r in runs):
+        result["status"] = "skipped" if all(r.get("status") == "skipped" for r in runs) else "failed"
+        result["reason"] = "; ".join(sorted({r.get("reason", "") for r in runs})) or "no runs"
+    elif ours_reason:
+        result["note"] = f"ours: {ours_reason}; transformers measured alone"
+    return result

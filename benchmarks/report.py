@@ -240,7 +240,12 @@ def write_markdown(path: Path, payload: dict) -> None:
     if e2e.get("status") != "ok":
         out.append(f"{e2e.get('status', 'skipped')}: {e2e.get('reason', 'not run')}")
     else:
-        out.append(e2e.get("method", ""))
+        out.append(f"Plan: {e2e.get('plan', '')}; torch threads {e2e.get('torch_threads')}. {e2e.get('method', '')}")
+        if e2e.get("note"):
+            out += ["", f"Note: {e2e['note']}"]
+        out.append("")
+        out.append("speedup = transformers total s / ours in the same dtype and batch; "
+                   "tok/s count all batch rows; s per 10 s audio = total s x 10 / measured audio s per row.")
         out.append("")
         out.append("| model | dtype | batch | impl | semantic tok/s | coarse tok/s | fine s | codec s | total s | "
                    "s per 10 s audio | peak GPU GiB | speedup |")
