@@ -45,11 +45,16 @@ def _load_kv_block(K, K_new, k_base, knew_base, offs_n, offs_d, stride_ks, strid
             ptrs = K + k_base + row_cache[None, :] + offs_d[:, None]
         else:
             ptrs = K + k_base + row_cache[:, None] + offs_d[None, :]
+    # one return at the end: the Triton compiler still type-checks the code after a `return` inside a constexpr `if`
+    # (the interpreter does not), so an early return here failed to compile on a GPU whenever HEAD_DIM != BLOCK_N
     if MASKED:
         if TRANSPOSED:
-            return tl.load(ptrs, mask=load_mask[None, :], other=0.0)
-        return tl.load(ptrs, mask=load_mask[:, None], other=0.0)
-    return tl.load(ptrs)
+            block = tl.load(ptrs, mask=load_mask[None, :], other=0.0)
+        else:
+            block = tl.load(ptrs, mask=load_mask[:, None], other=0.0)
+    else:
+        block = tl.load(ptrs)
+    return block
 
 
 @triton.jit

@@ -1,0 +1,130 @@
+"""Compile the Triton kernels ahead of time for a GPU architecture, without a GPU (development check).
+
+The interpreter runs kernels as Python, so it cannot see what only the GPU compiler rejects (shape errors in dead
+constexpr branches, unsupported ops, shared memory over the limit). This compiles every variant the launchers would
+launch, for sm_90 (H100) by default, with ``triton.compile`` and the ptxas bundled with Triton, and reports each
+variant's shared memory. It must run with ``TRITON_INTERPRET`` unset (the kernels are then real JIT functions):
+
+    TRITON_INTERPRET=0 python -m bark_kernels.backends.triton._aot_check [--quick] [--arch 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block (opt-in maximum)
+_TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _attn_variants(quick: bool):
+    from . import _launchers as L
+    from ._attention_kernels import MODE_DENSE, MODE_KVCACHE, MODE_VARLEN
+
+    dtypes = [torch.float16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    head_dims = [64] if quick else [16, 32, 64, 128]
+    for dtype in dtypes:
+        for head_dim in head_dims:
+            cases = [(MODE_DENSE, True, False, False, L.prefill_config(head_dim, dtype, 1024, 1024))]
+            if not quick:
+                cases += [
+                    (MODE_DENSE, False, False, False, L.prefill_config(head_dim, dtype, 32, 32)),
+                    (MODE_VARLEN, True, False, False, L.prefill_config(head_dim, dtype, 512, 512)),
+                    (MODE_KVCACHE, True, True, False, L.decode_config(head_dim, dtype, 1, 1024)),
+                    (MODE_KVCACHE, False, False, True, L.decode_config(head_dim, dtype, 1, 1024)),
+                    (MODE_KVCACHE, True, True, True, L.decode_config(head_dim, dtype, 64, 1024)),
+                ]
+            cases.append((MODE_KVCACHE, True, True, True, L.decode_config(head_dim, dtype, 1, 1024)))
+            for mode, causal, has_new, split, cfg in cases:
+                yield dtype, head_dim, mode, causal, has_new, split, cfg
+
+
+def _signature(fn, pointer_types: dict[str, str], floats: tuple[str, ...], consts: dict) -> dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in pointer_types:
+            sig[name] = pointer_types[name]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _compile(fn, sig, consts, target, num_warps, num_stages):
+    import triton
+    from triton.compiler import ASTSource
+
+    return triton.compile(ASTSource(fn, sig, consts), target=target,
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def run(arch: int = 90, quick: bool = False, out=sys.stdout) -> list[str]:
+    """Compile the variants; returns the failures (empty when every variant compiled within the shared limit)."""
+    from triton.backends.compiler import GPUTarget
+
+    from ._attention_kernels import _attn_fwd_kernel, _combine_splits_kernel
+    from ._rows_kernels import _gather_rows_kernel, _scatter_rows_kernel
+
+    if not hasattr(_attn_fwd_kernel, "arg_names"):
+        return ["kernels are interpreted (TRITON_INTERPRET=1): run with TRITON_INTERPRET=0"]
+    target = GPUTarget("cuda", arch, 32)
+    limit = SHARED_LIMIT.get(arch, 101376)
+    failures = []
+
+    def check(label, fn, sig, consts, warps, stages):
+        t0 = time.time()
+        try:
+            kernel = _compile(fn, sig, consts, target, warps, stages)
+        except Exception as exc:
+            failures.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            print(f"FAIL {label}: {exc}", file=out)
+            return
+        shared = kernel.metadata.shared
+        status = "ok" if shared <= limit else "OVER"
+        if shared > limit:
+            failures.append(f"{label}: shared memory {shared} > {limit}")
+        print(f"{status:4s} {label}: shared {shared} B, {time.time() - t0:.1f}s", file=out)
+
+    for dtype, head_dim, mode, causal, has_new, split, cfg in _attn_variants(quick):
+        tl_dtype = _TL_NAME[dtype]
+        consts = dict(MODE=mode, CAUSAL=causal, HAS_NEW=has_new, FROM_NEW=has_new, SPLIT=split,
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, IEEE=dtype == torch.float32)
+        pointers = {n: f"*{tl_dtype}" for n in ("Q", "K", "V", "Out", "K_new", "V_new")}
+        pointers.update({n: "*i32" for n in ("cu_seqlens_q", "cu_seqlens_k", "cache_seqlens")})
+        pointers.update({n: "*fp32" for n in ("Acc_ws", "M_ws", "L_ws")})
+        label = (f"attn {tl_dtype} D={head_dim} mode={mode} causal={causal} new={has_new} split={split} "
+                 f"BM={cfg.block_m} BN={cfg.block_n} warps={cfg.num_warps} stages={cfg.num_stages}")
+        check(label, _attn_fwd_kernel, _signature(_attn_fwd_kernel, pointers, ("qk_scale",), consts), consts,
+              cfg.num_warps, cfg.num_stages)
+    for head_dim in ([64] if quick else [16, 64, 128]):
+        consts = dict(NUM_SPLITS=5, SPLITS_POW2=8, HEAD_DIM=head_dim)
+        pointers = {"Acc_ws": "*fp32", "M_ws": "*fp32", "L_ws": "*fp32", "Out": "*fp16"}
+        check(f"combine D={head_dim}", _combine_splits_kernel,
+              _signature(_combine_splits_kernel, pointers, (), consts), consts, 1 if head_dim <= 64 else 2, 1)
+    for fn in (_gather_rows_kernel, _scatter_rows_kernel):
+        consts = dict(BLOCK_R=4, BLOCK_F=1024)
+        pointers = {"X": "*bf16", "Indices": "*i64", "Out": "*bf16"}
+        check(f"{fn.__name__} BLOCK_F=1024", fn, _signature(fn, pointers, (), consts), consts, 4, 1)
+    return failures
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability as an int (90 = H100, 80 = A100)")
+    parser.add_argument("--quick", action="store_true", help="a few representative variants only")
+    args = parser.parse_args(argv)
+    failures = run(args.arch, args.quick)
+    print(f"{len(failures)} failure(s)")
+    for f in failures:
+        print("  " + f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
