@@ -28,11 +28,12 @@ import torch
 logger = logging.getLogger("benchmarks")
 
 EOS_METHOD = (
-    "EOS suppressed identically in both: semantic generation is called with min_new_tokens = max_new_tokens = N "
-    "(transformers: `semantic_min_new_tokens=N, semantic_max_new_tokens=N`, which adds its MinNewTokensLength "
-    "processor setting the EOS logit (10_000) to -inf for the first N tokens; ours: the same two arguments). "
-    "min_eos_p stays None (no early stop); coarse and fine lengths follow from N, so both produce the same audio "
-    "length, which is checked."
+    "Greedy decoding in both. EOS suppressed identically: transformers gets `semantic_min_new_tokens=N, "
+    "semantic_max_new_tokens=N` (its MinNewTokensLength processor sets the EOS score (id 10_000) to -inf for the first "
+    "N tokens); ours gets `semantic_max_new_tokens=N` and, when its generate accepts it, `semantic_min_new_tokens=N`, "
+    "else the harness sets the EOS score to -inf before each semantic token selection (the same operation). "
+    "min_eos_p stays None; coarse and fine lengths follow from N, so both produce the same audio length (checked per "
+    "run: same_audio_length_as_transformers)."
 )
 
 
@@ -221,21 +222,52 @@ def generate_hf(model, input_ids, attention_mask, semantic_tokens: int, clock: S
                                   semantic_min_new_tokens=semantic_tokens, semantic_max_new_tokens=semantic_tokens)
 
 
-def generate_ours(model, input_ids, attention_mask, semantic_tokens: int, clock: StageClock):
-    """Our BarkModel.generate with the same settings, each stage timed (see _ours_stage_hooks)."""
+def ours_native_min_new_tokens() -> bool:
+    """Whether our generate accepts ``semantic_min_new_tokens`` itself."""
     import bark.generation as gen
 
+    return "min_new_tokens" in getattr(gen, "_STAGE_KEYS", {}).get("semantic", ())
+
+
+def generate_ours(model, input_ids, attention_mask, semantic_tokens: int, clock: StageClock):
+    """Our BarkModel.generate with the same settings, each stage timed through its function in bark.generation.
+
+    EOS: ``semantic_min_new_tokens`` when our generate accepts it; otherwise the harness does what transformers'
+    MinNewTokensLength processor does, in the semantic stage only: the EOS score is set to -inf before each token
+    selection (a wrapper around ``bark.generation.select_tokens`` while ``generate_semantic`` runs).
+    """
+    import bark.generation as gen
+
+    kwargs = {"semantic_max_new_tokens": semantic_tokens}
+    original_semantic = gen.generate_semantic
+    semantic_fn = original_semantic
+    if ours_native_min_new_tokens():
+        kwargs["semantic_min_new_tokens"] = semantic_tokens
+    else:
+        eos = model.generation_config.semantic_config.eos_token_id
+        original_select = gen.select_tokens
+
+        def select_without_eos(scores, *args, **kw):
+            return original_select(scores.index_fill(1, torch.tensor([eos], device=scores.device), -float("inf")),
+                                   *args, **kw)
+
+        def semantic_no_eos(*args, **kw):
+            with _patched_module(gen, "select_tokens", select_without_eos):
+                return original_semantic(*args, **kw)
+
+        semantic_fn = semantic_no_eos
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched_module(gen, "generate_semantic", clock.wrap("semantic", semantic_fn)))
         for stage, attr in OURS_STAGE_FUNCTIONS.items():
-            stack.enter_context(_patched_module(gen, attr, clock.wrap(stage, getattr(gen, attr))))
+            if stage != "semantic":
+                stack.enter_context(_patched_module(gen, attr, clock.wrap(stage, getattr(gen, attr))))
         with torch.no_grad():
-            return model.generate(input_ids, attention_mask=attention_mask,
-                                  semantic_min_new_tokens=semantic_tokens, semantic_max_new_tokens=semantic_tokens)
+            return model.generate(input_ids, attention_mask=attention_mask, **kwargs)
 
 
 # stage -> function name in bark.generation that bark.generation.generate calls for it
 OURS_STAGE_FUNCTIONS = {"semantic": "generate_semantic", "coarse": "generate_coarse", "fine": "generate_fine",
-                        "codec": "decode_codec"}
+                        "codec": "decode_audio"}
 
 
 @contextlib.contextmanager
@@ -261,7 +293,28 @@ def _inputs(batch: int, text_tokens: int, device: torch.device, seed: int = 1):
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _one_run(impl: str, model, batch: int, plan: E2EPlan, device: torch.device, sample_rate: int) -> dict:
+def _row_length(tokens) -> int | None:
+    """Tokens per row of a stage's output: a (B, n) tensor (transformers) or a list of (n_b,) tensors (ours; the
+    longest row)."""
+    if isinstance(tokens, torch.Tensor):
+        return int(tokens.shape[-1])
+    if isinstance(tokens, (list, tuple)) and tokens and all(isinstance(t, torch.Tensor) for t in tokens):
+        return max(int(t.shape[-1]) for t in tokens)
+    return None
+
+
+def _semantic_rows(tokens) -> list[list[int]] | None:
+    if isinstance(tokens, torch.Tensor):
+        return tokens.tolist()
+    if isinstance(tokens, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in tokens):
+        return [t.tolist() for t in tokens]
+    return None
+
+
+def _one_run(impl: str, model, batch: int, plan: E2EPlan, device: torch.device, sample_rate: int):
+    """One timed generation (after the plan's warm-up); returns (figures, semantic tokens per row, wall s incl.
+    warm-up)."""
+    t_begin = time.perf_counter()
     input_ids, attention_mask = _inputs(batch, plan.text_tokens, device)
     generate = generate_hf if impl == "transformers" else generate_ours
     if plan.warmup_tokens:
@@ -270,6 +323,7 @@ def _one_run(impl: str, model, batch: int, plan: E2EPlan, device: torch.device, 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)  # both models' weights, whatever else is alive
     t0 = time.perf_counter()
     audio = generate(model, input_ids, attention_mask, plan.semantic_tokens, clock)
     clock.sync()
@@ -280,8 +334,7 @@ def _one_run(impl: str, model, batch: int, plan: E2EPlan, device: torch.device, 
     coarse = clock.outputs.get("coarse")
     if isinstance(coarse, tuple):
         coarse = coarse[0]
-    n_sem = int(semantic.shape[-1]) if isinstance(semantic, torch.Tensor) else None
-    n_coarse = int(coarse.shape[-1]) if isinstance(coarse, torch.Tensor) else None
+    n_sem, n_coarse = _row_length(semantic), _row_length(coarse)
     audio_s = audio.shape[-1] / sample_rate
     f = {"total_s": {"value": total, "unit": "s"},
          "audio_seconds": {"value": audio_s, "unit": "s of audio per row (measured output length)"},
@@ -299,8 +352,28 @@ def _one_run(impl: str, model, batch: int, plan: E2EPlan, device: torch.device, 
         f["coarse_tokens_per_s"] = {"value": batch * n_coarse / clock.seconds["coarse"],
                                     "unit": "tokens/s (all rows)"}
     if device.type == "cuda":
-        f["peak_gpu_memory"] = {"value": torch.cuda.max_memory_allocated(device) / 2**30, "unit": "GiB"}
-    return f
+        own = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        peak = torch.cuda.max_memory_allocated(device) - resident + own
+        f["peak_gpu_memory"] = {"value": peak / 2**30,
+                                "unit": "GiB (this model's weights + peak allocated during generate)"}
+    return f, _semantic_rows(semantic), time.perf_counter() - t_begin
+
+
+def run_order(plan: E2EPlan) -> list[tuple[str, torch.dtype, int]]:
+    """Most telling configurations first, so a budget cut drops the least telling: batch 1 of the first model in
+    every dtype, batch 1 of the others in fp16 then fp32, then fp16 at larger batches, then the rest."""
+    def tier(m, d, b):
+        first = m == plan.models[0]
+        if b == 1 and first:
+            return 0
+        if b == 1 and d in (torch.float16, torch.float32):
+            return 1
+        if d == torch.float16:
+            return 2
+        return 3
+
+    items = [(m, d, b) for m in plan.models for d in plan.dtypes for b in plan.batches]
+    return sorted(items, key=lambda x: (tier(*x), plan.models.index(x[0]), x[2], plan.dtypes.index(x[1])))
 
 
 def run_e2e(device: torch.device, quick: bool, budget, progress=None) -> dict:
@@ -315,58 +388,66 @@ def run_e2e(device: torch.device, quick: bool, budget, progress=None) -> dict:
 
     transformers.logging.set_verbosity_error()  # its per-call deprecation notices about generation kwargs
     ours_reason = ours_available()
+    if ours_reason is None:
+        result["ours_eos_suppression"] = ("native semantic_min_new_tokens" if ours_native_min_new_tokens() else
+                                          "harness: EOS score set to -inf before each semantic token selection")
     runs = result["runs"]
-    last_seconds: dict[tuple[str, str], float] = {}
-    order = [(m, d, b) for m in plan.models for b in plan.batches for d in plan.dtypes]
-    order.sort(key=lambda mdb: (plan.models.index(mdb[0]), mdb[2] != 1, mdb[2], plan.dtypes.index(mdb[1])))
-    built: dict[str, tuple] = {}
+    last_wall: dict[tuple[str, str], tuple[int, float]] = {}  # (impl, model) -> (batch, wall s incl. warm-up)
+    built: dict[str, list] = {}  # model -> [config, hf, ours, dtype]
+    build_errors: dict[str, str] = {}
+    order = run_order(plan)
     for model_name, dtype, batch in (progress(order, desc="e2e") if progress else order):
         params = {"model": model_name, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
-                  "semantic_tokens": plan.semantic_tokens, "attn": "auto"}
-        if model_name not in built:
-            built.clear()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                  "semantic_tokens": plan.semantic_tokens, "attn_implementation": "auto"}
+        if model_name not in built and model_name not in build_errors:
             try:
                 config = bark_config_for(model_name)
                 hf = hf_model_for(config, device)
                 ours = ours_from_hf(config, hf, device) if ours_reason is None else None
-                built[model_name] = (config, hf, ours, torch.float32)
+                built[model_name] = [config, hf, ours, torch.float32]
             except Exception as exc:
-                why = f"building the models failed: {type(exc).__name__}: {exc}"
-                logger.warning("e2e %s: %s", model_name, why)
-                for impl in ("transformers", "ours"):
-                    runs.append({"section": "e2e", "provider": impl, "params": params, "figures": {},
-                                 "status": "failed", "reason": why})
-                continue
+                build_errors[model_name] = f"building the models failed: {type(exc).__name__}: {str(exc)[:300]}"
+                logger.warning("e2e %s: %s", model_name, build_errors[model_name])
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if model_name in build_errors:
+            for impl in ("transformers", "ours"):
+                runs.append({"section": "e2e", "provider": impl, "params": params, "figures": {},
+                             "status": "failed", "reason": build_errors[model_name]})
+            continue
         config, hf, ours, current = built[model_name]
-        if current != dtype:
+        if current != dtype:  # both models converted the same way, so their weights stay identical
             hf.to(dtype)
             if ours is not None:
                 ours.to(dtype)
-            built[model_name] = (config, hf, ours, dtype)
-        pair = {}
+            built[model_name][3] = dtype
+        pair, tokens = {}, {}
         for impl, model in (("transformers", hf), ("ours", ours)):
             rec = {"section": "e2e", "provider": impl, "params": dict(params), "figures": {}}
             runs.append(rec)
             if model is None:
                 rec.update(status="skipped", reason=ours_reason)
                 continue
-            estimate = last_seconds.get((impl, model_name), 0.0) * (1.0 if device.type == "cuda" else batch)
+            estimate = 0.0
+            if (impl, model_name) in last_wall:
+                prev_batch, prev_wall = last_wall[(impl, model_name)]
+                estimate = prev_wall * max(1.0, batch / prev_batch if device.type == "cpu" else
+                                           (1 + batch / 16) / (1 + prev_batch / 16))
             if budget.left() < max(5.0, 1.2 * estimate):
                 rec.update(status="skipped", reason=f"time budget: {budget.left():.0f} s left, a run of this "
                                                     f"configuration is estimated at {estimate:.0f} s")
                 continue
             try:
-                rec["figures"] = _one_run(impl, model, batch, plan, device, config.generation_config.sample_rate)
+                figs, tokens[impl], wall = _one_run(impl, model, batch, plan, device,
+                                                    config.generation_config.sample_rate)
             except Exception as exc:
                 rec.update(status="failed", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
                 logger.warning("e2e %s %s failed: %s", impl, params, rec["reason"])
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            rec["status"] = "ok"
-            last_seconds[(impl, model_name)] = rec["figures"]["total_s"]["value"]
+            rec.update(status="ok", figures=figs)
+            last_wall[(impl, model_name)] = (batch, wall)
             pair[impl] = rec
         if "ours" in pair and "transformers" in pair:
             o, t = pair["ours"]["figures"], pair["transformers"]["figures"]
@@ -374,6 +455,10 @@ def run_e2e(device: torch.device, quick: bool, budget, progress=None) -> dict:
                                             "unit": "x (transformers total s / ours, same dtype and batch)"}
             same = abs(o["audio_seconds"]["value"] - t["audio_seconds"]["value"]) < 1e-9
             o["same_audio_length_as_transformers"] = {"value": same, "unit": "bool"}
+            if tokens.get("ours") is not None and tokens.get("transformers") is not None:
+                o["same_semantic_tokens_as_transformers"] = {
+                    "value": tokens["ours"] == tokens["transformers"],
+                    "unit": "bool (greedy; may differ in fp16/bf16 where rounding differs)"}
     # speedup against transformers as users run it by default: fp32, same model and batch
     by = {(r["provider"], r["params"]["model"], r["params"]["dtype"], r["params"]["batch"]): r
           for r in runs if r.get("status") == "ok"}

@@ -458,7 +458,8 @@ def run_kernels(device: torch.device, plan: Plan, timer, budget: Budget, progres
     generator = torch.Generator(device=device).manual_seed(0)
     reference = reference_provider(device)
     builders: list[tuple[str, Callable[[], Case | list[Case]]]] = []
-    for dtype in plan.dtypes:
+
+    def add_prefill(dtype):
         for model in plan.models:
             for seqlen in plan.prefill_seqlens:
                 for batch in plan.prefill_batches:
@@ -470,6 +471,10 @@ def run_kernels(device: torch.device, plan: Plan, timer, budget: Budget, progres
                     builders.append((f"prefill_noncausal {model} B={batch} S={seqlen} {_dt(dtype)}",
                                      lambda m=model, b=batch, s=seqlen, d=dtype: prefill_case(
                                          m, b, s, False, d, device, plan, generator)))
+
+    # Order of importance, so that a budget cut drops the least telling cases: prefill in the first dtype, decode,
+    # varlen, unpad/pad, then prefill in the other dtypes.
+    add_prefill(plan.dtypes[0])
     for dtype in plan.decode_dtypes:
         for model in plan.models:
             for cache_len in plan.decode_cache_lens:
@@ -484,6 +489,8 @@ def run_kernels(device: torch.device, plan: Plan, timer, budget: Budget, progres
     for batch, seqlen in plan.unpad_shapes:
         builders.append((f"unpad/pad B={batch} S={seqlen}", lambda b=batch, s=seqlen: unpad_pad_cases(
             plan.models[0], b, s, dtype, device, plan, generator)))
+    for other in plan.dtypes[1:]:
+        add_prefill(other)
 
     records: list[dict] = []
     for label, build in (progress(builders, desc="kernels") if progress else builders):

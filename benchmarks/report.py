@@ -247,23 +247,29 @@ def write_markdown(path: Path, payload: dict) -> None:
         out.append("speedup = transformers total s / ours in the same dtype and batch; "
                    "tok/s count all batch rows; s per 10 s audio = total s x 10 / measured audio s per row.")
         out.append("")
-        out.append("| model | dtype | batch | impl | semantic tok/s | coarse tok/s | fine s | codec s | total s | "
-                   "s per 10 s audio | peak GPU GiB | speedup |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        cols = [("semantic tok/s", "semantic_tokens_per_s"), ("coarse tok/s", "coarse_tokens_per_s"),
+                ("semantic s", "semantic_s"), ("coarse s", "coarse_s"), ("fine s", "fine_s"), ("codec s", "codec_s"),
+                ("total s", "total_s"), ("s per 10 s audio", "seconds_per_10s_audio"),
+                ("peak GPU GiB", "peak_gpu_memory"), ("speedup", "speedup_vs_transformers"),
+                ("vs transformers fp32", "speedup_vs_transformers_fp32"),
+                ("same tokens", "same_semantic_tokens_as_transformers")]
+        out.append("| model | dtype | batch | impl | " + " | ".join(c for c, _ in cols) + " |")
+        out.append("|---|---|---|---|" + "---|" * len(cols))
         for r in e2e.get("runs", []):
             f = r["figures"]
+            head = f"| {r['params'].get('model')} | {r['params'].get('dtype')} | {r['params'].get('batch')} | " \
+                   f"{r['provider']} |"
             if r["status"] != "ok":
-                out.append(f"| {r['params'].get('model')} | {r['params'].get('dtype')} | {r['params'].get('batch')} | "
-                           f"{r['provider']} | {r['status']}: {r.get('reason', '')} |||||||")
+                out.append(head + f" {r['status']}: {r.get('reason', '')} |" + "|" * (len(cols) - 1))
                 continue
 
             def g(k, f=f):
-                return _fmt(f[k]["value"]) if k in f else "—"
+                if k not in f:
+                    return "—"
+                v = f[k]["value"]
+                return ("yes" if v else "no") if isinstance(v, bool) else _fmt(v)
 
-            out.append(f"| {r['params']['model']} | {r['params']['dtype']} | {r['params']['batch']} | {r['provider']} | "
-                       f"{g('semantic_tokens_per_s')} | {g('coarse_tokens_per_s')} | {g('fine_s')} | {g('codec_s')} | "
-                       f"{g('total_s')} | {g('seconds_per_10s_audio')} | {g('peak_gpu_memory')} | "
-                       f"{g('speedup_vs_transformers')} |")
+            out.append(head + " " + " | ".join(g(k) for _, k in cols) + " |")
     plots = payload.get("plots", [])
     if plots:
         out += ["", "## Plots", ""]

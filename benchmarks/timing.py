@@ -116,7 +116,7 @@ class CpuTimer:
 
 def make_timer(device: torch.device, quick: bool = False):
     if device.type == "cuda":
-        return CudaTimer(device, warmup_ms=10 if quick else 25, rep_ms=30 if quick else 100)
+        return CudaTimer(device, warmup_ms=10 if quick else 25, rep_ms=30 if quick else 60)
     if quick:
         return CpuTimer(warmup_calls=1, rep_s=0.02, min_calls=2, max_calls=10, flush_mib=8)
     return CpuTimer(warmup_calls=2, rep_s=0.3, min_calls=3, max_calls=100, flush_mib=64)
