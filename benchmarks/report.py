@@ -72,6 +72,7 @@ def environment(device: torch.device) -> dict:
         env["driver"] = _nvidia_driver()
         env["cuda_runtime"] = torch.version.cuda
         env["cudnn"] = str(torch.backends.cudnn.version())
+        env["matmul_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
     else:
         env["device_name"] = f"CPU: {env['cpu_model']} ({env['torch_threads']} torch threads)"
         env["driver"] = "n/a (CPU)"
