@@ -19,7 +19,9 @@ Cache semantics are transformers': the module appends the new keys/values to the
 so a decode step (1 query, past + 1 keys) runs through the same dispatcher as the prefill. Caches that return more
 keys than past + new (static caches) are refused with an error rather than attended to blindly.
 
-Supported: transformers 5.x (checked on 5.17 and 5.24). Older versions get a ``RuntimeError`` saying so.
+Supported: transformers >= 4.55 (Bark on ``Cache`` objects), tested with 4.57, 5.17 and 5.24. In 4.x Bark builds
+its own (batch, 1, 1, kv_len) additive padding mask; the module turns it back into the boolean padding mask. Older
+versions (tuple caches) and versions whose Bark no longer has ``BARK_ATTENTION_CLASSES`` get a ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ import threading
 
 import torch
 import transformers
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from .. import interface as bk
 
@@ -49,8 +49,8 @@ IMPLEMENTATIONS: dict[str, str | None] = {
     "bark_kernels": None,
 }
 
-MIN_VERSION = (5, 0)
-TESTED_VERSIONS = ("5.17", "5.24")
+MIN_VERSION = (4, 55)  # the first Bark on Cache objects (4.53 and older pass tuples of past keys/values)
+TESTED_VERSIONS = ("4.57", "5.17", "5.24")
 
 _lock = threading.Lock()
 _state: dict = {"bark_module": None, "classes": {}}
@@ -70,6 +70,17 @@ def _bark_module():
     return importlib.import_module("transformers.models.bark.modeling_bark")
 
 
+def _interfaces():
+    """(AttentionInterface, AttentionMaskInterface or None): the tables transformers validates and builds masks from."""
+    from transformers.modeling_utils import AttentionInterface
+
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # older 4.x: Bark builds its masks itself, there is nothing to register
+        AttentionMaskInterface = None
+    return AttentionInterface, AttentionMaskInterface
+
+
 def check_supported() -> None:
     """Raise ``RuntimeError`` naming the problem when this transformers cannot take our Bark attention."""
     version = transformers.__version__
@@ -80,6 +91,11 @@ def check_supported() -> None:
             f"or use bark_kernels' own Bark model (package `bark`)."
         )
     problems = []
+    try:
+        interfaces = _interfaces()
+    except ImportError as exc:
+        interfaces = ()
+        problems.append(f"transformers.modeling_utils.AttentionInterface is missing ({exc})")
     modeling_bark = _bark_module()
     classes = getattr(modeling_bark, "BARK_ATTENTION_CLASSES", None)
     if not isinstance(classes, dict):
@@ -91,9 +107,16 @@ def check_supported() -> None:
         params = list(inspect.signature(base.__init__).parameters)
         if params[:4] != ["self", "config", "is_causal", "layer_idx"]:
             problems.append(f"BarkSelfAttention.__init__ takes {params}, expected (self, config, is_causal, layer_idx)")
-    for owner, attr in ((AttentionInterface, "register"), (AttentionMaskInterface, "register")):
-        if not callable(getattr(owner, attr, None)):
-            problems.append(f"{owner.__name__}.{attr} is missing")
+        forward_params = set(inspect.signature(base.forward).parameters)
+        if not forward_params & {"cache", "past_key_values"}:
+            problems.append(f"BarkSelfAttention.forward takes {sorted(forward_params)}, expected a cache argument")
+    if not hasattr(modeling_bark, "DynamicCache"):
+        problems.append("Bark does not use transformers' Cache objects (tuple caches are not supported)")
+    for owner in interfaces:
+        if owner is not None and not callable(getattr(owner, "register", None)):
+            problems.append(f"{owner.__name__}.register is missing")
+    if _version_tuple(version) >= (5, 0) and len(interfaces) == 2 and interfaces[1] is None:
+        problems.append("transformers.masking_utils.AttentionMaskInterface is missing (padding masks would be lost)")
     if problems:
         raise RuntimeError(
             f"transformers {version} is not supported by bark_kernels' transformers integration "
@@ -105,7 +128,8 @@ def check_supported() -> None:
 # what transformers calls
 
 
-def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+def padding_mask(batch_size: int = None, q_length: int | None = None, kv_length: int | None = None, q_offset=0, kv_offset=0,
+                 mask_function=None,
                  attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
     """transformers' mask function for our names: the 2-D padding mask (batch, kv_length) as bool, or None.
 
@@ -152,10 +176,13 @@ def _make_attention_class(base: type) -> type:
         bark_kernels_name: str = ""
 
         def forward(self, hidden_states, attention_mask=None, cache=None, use_cache=False, output_attentions=False,
-                    past_key_values=None, **kwargs):
-            # transformers 5.24 passes the Cache as `cache=`, 5.17 as `past_key_values=`.
+                    past_key_values=None, head_mask=None, **kwargs):
+            # transformers 5.24 passes the Cache as `cache=`, 5.17 and 4.5x as `past_key_values=`.
             if cache is None:
                 cache = past_key_values
+            if head_mask is not None:
+                raise NotImplementedError(f"head_mask is not supported by attn_implementation="
+                                          f"{self.bark_kernels_name!r}; use attn_implementation='eager'")
             batch, seqlen_q, _ = hidden_states.shape
             qkv = self.att_proj(hidden_states).view(batch, seqlen_q, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, D)
             query, key, value = qkv.unbind(2)  # each (B, T, H, D), strided views of one projection
@@ -175,12 +202,32 @@ def _make_attention_class(base: type) -> type:
             out = self.resid_dropout(self.out_proj(out))
             return out, weights
 
+        def _bark_kernels_key_padding(self, mask):
+            """A (B, 1, 1, Sk) mask that only masks keys (what Bark builds itself in transformers 4.x: 0 where kept,
+            the dtype's minimum where padded; or bool) -> bool (B, Sk), or None when nothing is masked."""
+            keep = mask[:, 0, 0, :]  # (B, Sk)
+            if keep.dtype != torch.bool:
+                if not keep.is_floating_point():
+                    keep = keep != 0
+                else:
+                    masked = keep <= torch.finfo(keep.dtype).min / 2
+                    if not bool(((keep == 0) | masked).all()):
+                        raise ValueError(
+                            f"attention_mask: attn_implementation={self.bark_kernels_name!r} takes additive "
+                            f"(batch, 1, 1, seqlen) masks only as padding masks (0 or the dtype's minimum); got other "
+                            f"values. Use attn_implementation='eager' for general masks."
+                        )
+                    keep = ~masked
+            return None if bool(keep.all()) else keep
+
         def _bark_kernels_attend(self, query, key, value, attention_mask, dropout_p, output_attentions):
             """query (B, Sq, H, D), key/value (B, Sk, H, D), attention_mask None or bool (B, Sk) -> (B, Sq, H, D)."""
             backend = self.bark_kernels_backend
             batch, seqlen_q = query.shape[:2]
             seqlen_k = key.shape[1]
             mask = attention_mask
+            if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
+                mask = self._bark_kernels_key_padding(mask)  # (B, 1, 1, Sk) -> (B, Sk) bool or None
             if mask is not None:
                 if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
                     got = f"{mask.dim()}-D {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
@@ -242,6 +289,7 @@ def register(force: bool = False) -> list[str]:
     """Register every name of :data:`IMPLEMENTATIONS` with transformers (see the module docstring). Idempotent."""
     check_supported()
     modeling_bark = _bark_module()
+    AttentionInterface, AttentionMaskInterface = _interfaces()
     with _lock:
         table = modeling_bark.BARK_ATTENTION_CLASSES
         done = (_state["bark_module"] is modeling_bark and _state["classes"]
@@ -259,7 +307,8 @@ def register(force: bool = False) -> list[str]:
             cls = type(f"BarkKernelsSelfAttention{suffix}", (base_class,),
                        {"bark_kernels_backend": backend, "bark_kernels_name": name, "__module__": __name__})
             AttentionInterface.register(name, _generic_attention_for(name))
-            AttentionMaskInterface.register(name, padding_mask)
+            if AttentionMaskInterface is not None:
+                AttentionMaskInterface.register(name, padding_mask)
             table[name] = cls
             classes[name] = cls
         _state["bark_module"] = modeling_bark
