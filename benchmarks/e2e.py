@@ -47,24 +47,28 @@ class E2EPlan:
     warmup_tokens: int  # transformers: semantic tokens of the warm-up generation before each timed run (0: none)
     warmup_tokens_ours: int  # ours: the same (full length on a GPU: Triton compiles/autotunes on first use of a shape)
     text_tokens: int = 32  # non-pad text tokens per row (the rest of the 256 is padding)
+    # transformers' BarkModel with bark_kernels attention (attn_implementation names), batch-1 configurations only
+    hf_integration: tuple[str, ...] = ()
 
 
 def gpu_plan(quick: bool) -> E2EPlan:
     if quick:
         return E2EPlan("gpu quick: bark-small fp16 batch 1, 64 semantic tokens", ("bark-small",), (torch.float16,),
-                       (1,), 64, 8, 64)
+                       (1,), 64, 8, 64, hf_integration=("triton",))
     # 256 semantic tokens = 5.1 s of audio: the whole matrix fits the 8-minute budget; figures are also given per
     # 10 s of audio (measured seconds scaled by 10 / measured audio seconds).
     return E2EPlan("gpu: 256 semantic tokens (5.1 s of audio) per run", ("bark-small", "bark"),
-                   (torch.float32, torch.float16, torch.bfloat16), (1, 4, 16), 256, 16, 256)
+                   (torch.float32, torch.float16, torch.bfloat16), (1, 4, 16), 256, 16, 256, hf_integration=("triton",))
 
 
 def cpu_plan(quick: bool) -> E2EPlan:
     if quick:
         return E2EPlan("cpu quick: TINY model (2 layers, 64 wide; not Bark's shapes), 8 semantic tokens", ("tiny",),
-                       (torch.float32,), (1,), 8, 0, 0)
+                       (torch.float32,), (1,), 8, 2, 2)
+    # The warm-up generation (2 semantic tokens) still runs a full 1024-frame fine window: it costs, but the first
+    # generation of a process pays one-time costs that would otherwise be charged to whichever model runs first.
     return E2EPlan("cpu: bark-small fp32 batch 1, 16 semantic tokens (0.3 s of audio), same torch threads for both",
-                   ("bark-small",), (torch.float32,), (1,), 16, 0, 0)
+                   ("bark-small",), (torch.float32,), (1,), 16, 2, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -123,15 +127,24 @@ def _tiny_config():
     return bark.BarkConfig.from_dicts(real, gen)
 
 
-def hf_model_for(config, device: torch.device, seed: int = 0):
-    """transformers' BarkModel with the shapes of our ``config``, random weights (seeded), eval, fp32, on device."""
+def _hf_config(config, attn_implementation: str):
     import transformers
 
     d = config.to_dict()
     codec = {k: v for k, v in d["codec_config"].items() if k != "num_quantizers"}
-    hf_config = transformers.BarkConfig(semantic_config=d["semantic_config"],
-                                        coarse_acoustics_config=d["coarse_acoustics_config"],
-                                        fine_acoustics_config=d["fine_acoustics_config"], codec_config=codec)
+    return transformers.BarkConfig(semantic_config=d["semantic_config"],
+                                   coarse_acoustics_config=d["coarse_acoustics_config"],
+                                   fine_acoustics_config=d["fine_acoustics_config"], codec_config=codec,
+                                   attn_implementation=attn_implementation)
+
+
+def hf_model_for(config, device: torch.device, seed: int = 0):
+    """transformers' BarkModel with the shapes of our ``config``, random weights (seeded), eval, fp32, on device,
+    with its default attention (eager: Bark has no sdpa path in transformers)."""
+    import transformers
+
+    d = config.to_dict()
+    hf_config = _hf_config(config, "eager")
     torch.manual_seed(seed)
     with torch.device(device):
         model = transformers.BarkModel(hf_config)
@@ -147,6 +160,22 @@ def hf_model_for(config, device: torch.device, seed: int = 0):
         semantic_config=full.semantic_config.to_dict(), coarse_acoustics_config=full.coarse_acoustics_config.to_dict(),
         fine_acoustics_config=full.fine_acoustics_config.to_dict(), sample_rate=full.sample_rate,
         codebook_size=full.codebook_size)
+    return model
+
+
+def hf_twin(config, hf_model, device: torch.device, attn_implementation: str):
+    """transformers' BarkModel with the same weights as ``hf_model`` (strict load) but ``attn_implementation`` set to
+    one of bark_kernels' names (the transformers integration: what a transformers user gets by switching)."""
+    import transformers
+
+    import bark_kernels.integrations as integrations
+
+    integrations.register_transformers()
+    with torch.device(device):
+        model = transformers.BarkModel(_hf_config(config, attn_implementation))
+    model.load_state_dict(hf_model.state_dict(), strict=True)
+    model.eval()
+    model.generation_config = hf_model.generation_config
     return model
 
 
@@ -317,8 +346,9 @@ def _one_run(impl: str, model, batch: int, plan: E2EPlan, device: torch.device, 
     warm-up)."""
     t_begin = time.perf_counter()
     input_ids, attention_mask = _inputs(batch, plan.text_tokens, device)
-    generate = generate_hf if impl == "transformers" else generate_ours
-    warmup = plan.warmup_tokens if impl == "transformers" else plan.warmup_tokens_ours
+    hf_like = impl.startswith("transformers")
+    generate = generate_hf if hf_like else generate_ours
+    warmup = plan.warmup_tokens_ours if impl == "ours" or "triton" in impl else plan.warmup_tokens
     if warmup:
         generate(model, input_ids, attention_mask, warmup, StageClock(device))
     clock = StageClock(device)
@@ -406,7 +436,7 @@ def run_e2e(device: torch.device, quick: bool, budget, progress=None) -> dict:
                 config = bark_config_for(model_name)
                 hf = hf_model_for(config, device)
                 ours = ours_from_hf(config, hf, device) if ours_reason is None else None
-                built[model_name] = [config, hf, ours, torch.float32]
+                built[model_name] = [config, hf, ours, torch.float32, {}]
             except Exception as exc:
                 build_errors[model_name] = f"building the models failed: {type(exc).__name__}: {str(exc)[:300]}"
                 logger.warning("e2e %s: %s", model_name, build_errors[model_name])
@@ -417,18 +447,27 @@ def run_e2e(device: torch.device, quick: bool, budget, progress=None) -> dict:
                 runs.append({"section": "e2e", "provider": impl, "params": params, "figures": {},
                              "status": "failed", "reason": build_errors[model_name]})
             continue
-        config, hf, ours, current = built[model_name]
-        if current != dtype:  # both models converted the same way, so their weights stay identical
-            hf.to(dtype)
-            if ours is not None:
-                ours.to(dtype)
+        config, hf, ours, current, twins = built[model_name]
+        if current != dtype:  # all models converted the same way, so their weights stay identical
+            for m in [hf, ours, *twins.values()]:
+                if not isinstance(m, str) and m is not None:
+                    m.to(dtype)
             built[model_name][3] = dtype
+        candidates = [("transformers", hf), ("ours", ours)]
+        if batch == 1:
+            for impl_name in plan.hf_integration:
+                if impl_name not in twins:
+                    try:
+                        twins[impl_name] = hf_twin(config, hf, device, impl_name).to(dtype)
+                    except Exception as exc:
+                        twins[impl_name] = f"building it failed: {type(exc).__name__}: {str(exc)[:300]}"
+                candidates.append((f"transformers[attn={impl_name}]", twins[impl_name]))
         pair, tokens = {}, {}
-        for impl, model in (("transformers", hf), ("ours", ours)):
+        for impl, model in candidates:
             rec = {"section": "e2e", "provider": impl, "params": dict(params), "figures": {}}
             runs.append(rec)
-            if model is None:
-                rec.update(status="skipped", reason=ours_reason)
+            if model is None or isinstance(model, str):
+                rec.update(status="skipped" if model is None else "failed", reason=model or ours_reason)
                 continue
             estimate = 0.0
             if (impl, model_name) in last_wall:
@@ -451,6 +490,11 @@ def run_e2e(device: torch.device, quick: bool, budget, progress=None) -> dict:
             rec.update(status="ok", figures=figs)
             last_wall[(impl, model_name)] = (batch, wall)
             pair[impl] = rec
+        for impl, rec in pair.items():
+            if impl.startswith("transformers[") and "transformers" in pair:
+                rec["figures"]["speedup_vs_transformers"] = {
+                    "value": pair["transformers"]["figures"]["total_s"]["value"] / rec["figures"]["total_s"]["value"],
+                    "unit": "x (transformers eager total s / this, same dtype and batch)"}
         if "ours" in pair and "transformers" in pair:
             o, t = pair["ours"]["figures"], pair["transformers"]["figures"]
             o["speedup_vs_transformers"] = {"value": t["total_s"]["value"] / o["total_s"]["value"],
@@ -465,7 +509,7 @@ def run_e2e(device: torch.device, quick: bool, budget, progress=None) -> dict:
     by = {(r["provider"], r["params"]["model"], r["params"]["dtype"], r["params"]["batch"]): r
           for r in runs if r.get("status") == "ok"}
     for r in runs:
-        if r["provider"] == "ours" and r.get("status") == "ok":
+        if r["provider"] != "transformers" and r.get("status") == "ok":
             base = by.get(("transformers", r["params"]["model"], "float32", r["params"]["batch"]))
             if base is not None:
                 r["figures"]["speedup_vs_transformers_fp32"] = {
