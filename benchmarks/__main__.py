@@ -10,7 +10,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--out", required=True, help="directory for results.json, results.md and the PNG plots")
+    parser.add_argument("--out", required=True,
+                        help="directory for results.json, results.md and the PNG plots; 'auto': "
+                             "benchmarks/results/<date>-<device> (where committed runs live)")
     parser.add_argument("--mode", default="auto", choices=("gpu", "cpu", "auto"),
                         help="gpu: full suite on the CUDA device; cpu: labelled subsets on the CPU; auto: gpu if any")
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test shapes (the figures are not Bark's)")
@@ -24,6 +26,21 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop("BARK_KERNELS_BACKEND", None)
     from .suite import run
 
+    if args.out == "auto":
+        import datetime
+        from pathlib import Path
+
+        import torch
+
+        from . import report
+        from .suite import resolve_mode
+
+        mode = resolve_mode(args.mode)
+        device = torch.device("cuda") if mode == "gpu" else torch.device("cpu")
+        env = report.environment(device)
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        suffix = "-quick" if args.quick else ""
+        args.out = str(Path(__file__).resolve().parent / "results" / f"{date}-{report.short_device(env)}{suffix}")
     payload = run(args.out, mode=args.mode, quick=args.quick, skip_e2e=args.skip_e2e, budget_seconds=args.budget)
     ok = sum(1 for r in payload["kernels"] if r["status"] == "ok")
     print(f"benchmarks: {ok} kernel measurements, e2e {payload['e2e']['status']}, "

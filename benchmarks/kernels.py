@@ -200,7 +200,7 @@ def run_case(case: Case, timer, reference: str, budget: Budget, device: torch.de
             del out
             timing = timer(call)
         except Exception as exc:  # a provider that cannot serve a shape (or breaks) is reported, not fatal
-            rec.update(status="failed", reason=_error_text(exc))
+            rec.update(status="failed", reason=_error_text(exc), figures={})
             logger.info("%s %s %s failed: %s", case.section, case.name, provider, rec["reason"])
             if device.type == "cuda":
                 torch.cuda.empty_cache()
