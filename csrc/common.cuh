@@ -51,6 +51,21 @@ struct Elem<__nv_bfloat16> {
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 
+#ifdef BARK_KERNELS_HOST_EMULATION
+// tests/test_cuda_emulation.py runs these kernels on the CPU (csrc/emulation/emu.h emulates the warp collectives).
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emu::mma_16816<false>(d, a, b0, b1);
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  emu::mma_16816<true>(d, a, b0, b1);
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* smem_row) {
+  emu::ldmatrix_x4_trans(r, smem_row);
+}
+#else
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -78,6 +93,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
+#endif  // BARK_KERNELS_HOST_EMULATION
 
 __device__ __forceinline__ uint32_t ld_shared_u32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
