@@ -38,8 +38,12 @@ if _IMPORT_ERROR is None:
     from . import _ops
 
     if interpreter_enabled():
-        # make the interpreter's bfloat16 arithmetic right before any kernel runs (None when it is)
+        # loop bounds under older interpreters with NumPy >= 2.4; then make bfloat16 arithmetic right (None when it
+        # is) before any kernel runs
         from ._interpreter_bf16 import apply as _apply_bf16_patch
+        from ._interpreter_compat import apply as _apply_compat_patch
+
+        _apply_compat_patch()
 
         _BF16_INTERPRETER_ERROR = _apply_bf16_patch()
 

@@ -18,8 +18,9 @@ The fix: represent bfloat16 as ``ml_dtypes.bfloat16``, a real numpy floating dty
    accumulation, as tensor cores do).
 
 ``apply()`` patches once, then runs a small self-test kernel (bf16 loads, arithmetic, casts, dot, stores) against
-PyTorch; if anything disagrees (e.g. a Triton version whose interpreter differs) it returns the reason, and the
-backend's ``supports()`` then rejects bf16 on the interpreter instead of returning wrong numbers.
+PyTorch; if anything disagrees (e.g. a Triton version whose interpreter differs) it restores the interpreter as it
+was and returns the reason, and the backend's ``supports()`` then rejects bf16 on the interpreter instead of returning
+wrong numbers. Checked with triton 3.9 and 3.6.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import logging
 
 logger = logging.getLogger("bark_kernels")
 
-_state: dict[str, str | None] = {}
+_state: dict = {}  # 'result': None or the reason bf16 is wrong; 'undo': the originals to restore
 
 
 def _patch() -> None:
@@ -59,19 +60,20 @@ def _patch() -> None:
         # values made before the patch (or by code paths that still use uint16) carry the raw bits
         return data.view(bf16_np) if data.dtype == np.uint16 else data
 
-    def create_masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+    # the trailing arguments (cache/eviction policy, volatility) differ between Triton versions: pass them through
+    def create_masked_load(self, ptrs, mask, other, *rest):
         if ptrs.get_element_ty() != tl.bfloat16:
-            return original_masked_load(self, ptrs, mask, other, cache_policy, is_volatile)
+            return original_masked_load(self, ptrs, mask, other, *rest)
         # the C++ load helper only knows builtin numpy dtypes: move the raw bits as uint16, then view them as bf16
         other_bits = None if other is None else TensorHandle(_as_bf16(other.data).view(np.uint16), tl.uint16)
         bits = np.zeros_like(ptrs.data, dtype=np.uint16) if other_bits is None else other_bits.data
         ret = interpreter._interpreter.load(ptrs.data, mask.data, bits, np.dtype(np.uint16))
         return TensorHandle(ret.view(bf16_np), tl.bfloat16)
 
-    def create_masked_store(self, ptrs, value, mask, cache_policy):
+    def create_masked_store(self, ptrs, value, mask, *rest):
         if value.data.dtype == bf16_np:
             value = TensorHandle(value.data.view(np.uint16), tl.uint16)
-        return original_masked_store(self, ptrs, value, mask, cache_policy)
+        return original_masked_store(self, ptrs, value, mask, *rest)
 
     def cast_impl(self, src, dst_type):
         src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
@@ -86,14 +88,18 @@ def _patch() -> None:
             return cast_impl(self, src, dst_type)
         return original_fp_to_fp(self, src, dst_type, rounding_mode)
 
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    def create_dot(self, a, b, d, *rest):
         if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
             a_data = _as_bf16(a.data).astype(np.float32) if a.dtype.scalar == tl.bfloat16 else a.data
             b_data = _as_bf16(b.data).astype(np.float32) if b.dtype.scalar == tl.bfloat16 else b.data
             out = np.matmul(a_data, b_data, dtype=np.float32).astype(d.data.dtype) + d.data
             return TensorHandle(out, d.dtype.scalar)
-        return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        return original_dot(self, a, b, d, *rest)
 
+    originals = [(interpreter, "_get_np_dtype", original_get_np_dtype)]
+    originals += [(builder_cls, name, getattr(builder_cls, name)) for name in
+                  ("cast_impl", "create_fp_to_fp", "create_dot", "create_masked_load", "create_masked_store")]
+    _state["undo"] = originals
     interpreter._get_np_dtype = _get_np_dtype
     builder_cls.cast_impl = cast_impl
     builder_cls.create_fp_to_fp = create_fp_to_fp
@@ -101,6 +107,15 @@ def _patch() -> None:
     builder_cls.create_masked_load = create_masked_load
     builder_cls.create_masked_store = create_masked_store
     interpreter._bark_kernels_bf16_patched = True
+
+
+def _unpatch() -> None:
+    """Put the interpreter back as it was (after a failed self-test: fp16/fp32 must keep working unchanged)."""
+    from triton.runtime import interpreter
+
+    for obj, name, original in reversed(_state.pop("undo", [])):
+        setattr(obj, name, original)
+    interpreter._bark_kernels_bf16_patched = False
 
 
 def _self_test() -> str | None:
@@ -148,5 +163,6 @@ def apply() -> str | None:
         except Exception as exc:  # ml_dtypes missing, or an interpreter layout this patch does not know
             _state["result"] = f"{type(exc).__name__}: {exc}"
         if _state["result"] is not None:
+            _unpatch()
             logger.warning("bark_kernels: bfloat16 under the Triton interpreter is disabled: %s", _state["result"])
     return _state["result"]
