@@ -188,9 +188,26 @@ def test_lazy_registration_in_a_fresh_process():
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
 
 
+def test_immediate_registration_and_env_switch(monkeypatch):
+    """Bark's module already imported: auto registration happens at once; BARK_KERNELS_TRANSFORMERS=0 switches it off."""
+    from bark_kernels import integrations
+
+    table = modeling_bark.BARK_ATTENTION_CLASSES
+    before = table["triton"]
+    del table["triton"]
+    monkeypatch.setenv(integrations.ENV_AUTO, "0")
+    integrations.auto_register_transformers()
+    assert "triton" not in table
+    monkeypatch.setenv(integrations.ENV_AUTO, "1")
+    integrations.auto_register_transformers()
+    assert table["triton"] is not before and issubclass(table["triton"], modeling_bark.BarkSelfAttention)
+    assert integrations.auto_registration_error() is None
+    _twins.clear()  # twins built with the previous classes would still work; rebuild anyway
+
+
 def test_unsupported_version_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "4.46.3")
-    with pytest.raises(RuntimeError, match=r"transformers 4\.46\.3 is not supported.*>= 4\.55"):
+    with pytest.raises(RuntimeError, match=r"transformers 4\.46\.3 is not supported.*>= 4\.54"):
         bark_kernels.register_transformers(force=True)
 
 
@@ -312,6 +329,23 @@ def test_semantic_decode_count(eager_model, impl, monkeypatch):
     assert len(decode) == LAYERS * (n_new - 1)
     assert sorted({c[3] for c in decode}) == list(range(18, 17 + n_new))  # Sk grows by one per step
     assert len(calls) == len(prefill) + len(decode)
+
+
+def test_output_attentions_match_eager(eager_model):
+    model = _twin(eager_model, "bark_torch")
+    input_ids = torch.randint(0, 10_048, (2, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = eager_model.semantic(input_ids, use_cache=False, output_attentions=True)
+        out = model.semantic(input_ids, use_cache=False, output_attentions=True)
+    assert len(out.attentions) == len(ref.attentions) == LAYERS
+    for got, want in zip(out.attentions, ref.attentions, strict=True):
+        assert got.shape == want.shape == (2, HEADS, 7, 7)
+        assert _rel_err(got, want) <= RTOL_FP32_MODEL
+    assert _rel_err(out.logits, ref.logits) <= RTOL_FP32_MODEL
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="output_attentions"):
+        model.semantic(input_ids, attention_mask=mask, use_cache=False, output_attentions=True)
 
 
 def test_four_d_mask_and_static_cache_are_refused(eager_model):

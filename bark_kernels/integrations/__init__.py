@@ -80,6 +80,8 @@ class _RegisteringLoader(importlib.abc.Loader):
     def exec_module(self, module):
         self._loader.exec_module(module)
         module.__loader__ = self._loader  # leave no trace of the hook on the module
+        if getattr(module, "__spec__", None) is not None:
+            module.__spec__.loader = self._loader
         _remove_hook()
         _register_quietly()
 

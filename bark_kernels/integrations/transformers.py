@@ -19,7 +19,7 @@ Cache semantics are transformers': the module appends the new keys/values to the
 so a decode step (1 query, past + 1 keys) runs through the same dispatcher as the prefill. Caches that return more
 keys than past + new (static caches) are refused with an error rather than attended to blindly.
 
-Supported: transformers >= 4.55 (Bark on ``Cache`` objects), tested with 4.57, 5.17 and 5.24. In 4.x Bark builds
+Supported: transformers >= 4.54 (Bark on ``Cache`` objects), tested with 4.57, 5.17 and 5.24. In 4.x Bark builds
 its own (batch, 1, 1, kv_len) additive padding mask; the module turns it back into the boolean padding mask. Older
 versions (tuple caches) and versions whose Bark no longer has ``BARK_ATTENTION_CLASSES`` get a ``RuntimeError``.
 """
@@ -49,7 +49,7 @@ IMPLEMENTATIONS: dict[str, str | None] = {
     "bark_kernels": None,
 }
 
-MIN_VERSION = (4, 55)  # the first Bark on Cache objects (4.53 and older pass tuples of past keys/values)
+MIN_VERSION = (4, 54)  # the first Bark on Cache objects (4.53 and older pass tuples of past keys/values)
 TESTED_VERSIONS = ("4.57", "5.17", "5.24")
 
 _lock = threading.Lock()
