@@ -8,6 +8,7 @@ transformers' init so attention is peaked and a wrong mask changes the result.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import subprocess
@@ -19,7 +20,7 @@ from conftest import backends_for
 
 import bark_kernels
 from bark_kernels import registry
-from bark_kernels.testing import MODEL_RTOL
+from bark_kernels.testing import MODEL_RTOL, TOLERANCES
 
 transformers = pytest.importorskip("transformers")
 hf_integration = pytest.importorskip("bark_kernels.integrations.transformers")
@@ -171,6 +172,24 @@ def test_from_pretrained_and_config(eager_model, tmp_path):
     config._attn_implementation = "bark_cuda"  # building does not need CUDA; running does
     built = transformers.BarkModel(config)
     assert all(m.bark_kernels_backend == "cuda" for m in _bark_attention_modules(built))
+
+
+def test_use_bark_kernels_switches_a_loaded_model(eager_model):
+    model = copy.deepcopy(eager_model)
+    ids = torch.randint(0, 10_048, (2, 9), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        ref = eager_model.semantic(ids, attention_mask=mask, use_cache=False).logits
+        assert hf_integration.use_bark_kernels(model, "bark_torch") is model
+        assert {type(m).__name__ for m in _bark_attention_modules(model)} == {"BarkKernelsSelfAttentionBarkTorch"}
+        assert model.semantic.config._attn_implementation == "bark_torch"
+        out = model.semantic(ids, attention_mask=mask, use_cache=False).logits
+        assert _rel_err(out[mask.bool()], ref[mask.bool()]) <= RTOL_FP32_MODEL
+        hf_integration.use_bark_kernels(model, "eager")
+        assert {type(m) for m in _bark_attention_modules(model)} == {modeling_bark.BarkSelfAttention}
+    with pytest.raises(ValueError, match="attn_implementation"):
+        hf_integration.use_bark_kernels(model, "flash_attention_2")
 
 
 def test_lazy_registration_in_a_fresh_process():
@@ -357,3 +376,39 @@ def test_four_d_mask_and_static_cache_are_refused(eager_model):
     cache = transformers.StaticCache(config=model.semantic.config, max_cache_len=32)
     with torch.no_grad(), pytest.raises(NotImplementedError, match="DynamicCache"):
         model.semantic(input_ids, use_cache=True, **{_CACHE_KW: cache})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", ["triton", "bark_cuda"])
+def test_cuda_fp16_forwards_within_twice_eager_error(eager_model, impl):
+    """On the GPU in fp16: our kernels' error against an fp64 eager model is at most the table's ratio times the
+    error of eager fp16 (plus its floor), for a padded causal prefill, a cached decode step and the fine model."""
+    backend = hf_integration.IMPLEMENTATIONS[impl]
+    reason = registry.why_not(backend, "attention", torch.device("cuda"), torch.float16, HIDDEN // HEADS)
+    if reason is not None:
+        pytest.skip(f"{impl}: backend {backend!r} cannot run here: {reason}")
+    tol = TOLERANCES[torch.float16]
+    ref64 = copy.deepcopy(eager_model).to("cuda", torch.float64)
+    eager16 = copy.deepcopy(eager_model).to("cuda", torch.float16)
+    ours16 = copy.deepcopy(_twin(eager_model, impl)).to("cuda", torch.float16)
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 10_048, (2, 12), generator=gen).cuda()
+    next_ids = torch.randint(0, 10_048, (2, 1), generator=gen).cuda()
+    fine_ids = torch.randint(0, 1_056, (2, 24, 8), generator=gen).cuda()
+    mask = torch.ones(2, 12, dtype=torch.long, device="cuda")
+    mask[0, :5] = 0
+    keep = mask.bool()
+
+    def run(m):
+        with torch.no_grad():
+            padded = m.semantic(ids, attention_mask=mask, use_cache=False).logits[keep]
+            first = m.coarse_acoustics(ids, use_cache=True)
+            step = m.coarse_acoustics(next_ids, use_cache=True, **{_CACHE_KW: getattr(first, _CACHE_KW)}).logits
+            fine = m.fine_acoustics(2, fine_ids).logits
+        return padded, first.logits, step, fine
+
+    for name, want, base, got in zip(("padded prefill", "prefill", "decode step", "fine"), run(ref64), run(eager16),
+                                     run(ours16), strict=True):
+        err_eager, err_ours = _rel_err(base, want), _rel_err(got, want)
+        assert err_ours <= tol.ratio * err_eager + tol.floor, (name, err_ours, err_eager)

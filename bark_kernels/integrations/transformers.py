@@ -316,3 +316,29 @@ def register(force: bool = False) -> list[str]:
         logger.debug("bark_kernels: registered attn_implementation %s with transformers %s", list(IMPLEMENTATIONS),
                      transformers.__version__)
         return list(IMPLEMENTATIONS)
+
+
+def use_bark_kernels(model, attn_implementation: str = "triton"):
+    """Switch an already built or loaded Bark model (``BarkModel`` or one of its sub-models) to ``attn_implementation``
+    in place, and return it. transformers' ``model.set_attn_implementation`` cannot do this for Bark (it only warns).
+
+    Every ``BarkSelfAttention`` module gets the registered class of that name (same parameters and buffers, nothing is
+    copied), and the configs get the name, so padding masks are built for it. ``"eager"`` switches back.
+    """
+    register()
+    table = _bark_module().BARK_ATTENTION_CLASSES
+    allowed = ["eager", *IMPLEMENTATIONS]
+    if attn_implementation not in allowed:
+        raise ValueError(f"attn_implementation: expected one of {allowed}, got {attn_implementation!r}")
+    base = _bark_module().BarkSelfAttention
+    attention_modules = [m for m in model.modules() if isinstance(m, base)]
+    if not attention_modules:
+        raise ValueError(f"model: expected a transformers Bark model (BarkModel, BarkSemanticModel, BarkCoarseModel or "
+                         f"BarkFineModel), got {type(model).__name__} without Bark attention modules")
+    for module in attention_modules:
+        module.__class__ = table[attn_implementation]
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if hasattr(config, "_attn_implementation") and not isinstance(module, base):  # the sub-models' configs
+            config._attn_implementation = attn_implementation
+    return model
