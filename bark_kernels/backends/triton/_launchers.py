@@ -85,6 +85,15 @@ def choose_num_splits(programs: int, max_seqlen_k: int, block_n: int, device: to
     return max(1, min(by_occupancy, by_length, MAX_SPLITS))
 
 
+MAX_GRID_Y = 65535  # CUDA limit of gridDim.y (and z); axis 1 of the attention grid is batch * nheads
+
+
+def _check_grid(batch: int, nheads: int, num_splits: int = 1) -> None:
+    if batch * nheads > MAX_GRID_Y or num_splits > MAX_GRID_Y:
+        raise ValueError(f"q: batch * nheads = {batch} * {nheads} = {batch * nheads} exceeds the Triton kernels' "
+                         f"launch limit of {MAX_GRID_Y}; split the batch or use another backend")
+
+
 def _dot_ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
@@ -104,6 +113,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     out = torch.empty((batch, seqlen_q, nheads, head_dim), dtype=q.dtype, device=q.device)  # (B, Sq, H, D)
     if out.numel() == 0:
         return out
+    _check_grid(batch, nheads)
     cfg = config or prefill_config(head_dim, q.dtype, seqlen_q, seqlen_k)
     grid = (triton.cdiv(seqlen_q, cfg.block_m), batch * nheads, 1)
     _attn_fwd_kernel[grid](
@@ -128,6 +138,7 @@ def attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     out = torch.empty((total_q, nheads, head_dim), dtype=q.dtype, device=q.device)  # (total_q, H, D)
     if out.numel() == 0 or batch <= 0 or max_seqlen_q <= 0:
         return out
+    _check_grid(batch, nheads)
     cfg = config or prefill_config(head_dim, q.dtype, max_seqlen_q, max_seqlen_k)
     grid = (triton.cdiv(max_seqlen_q, cfg.block_m), batch * nheads, 1)
     _attn_fwd_kernel[grid](
@@ -155,6 +166,7 @@ def attention_kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if out.numel() == 0:
         return out
     has_new = k is not None
+    _check_grid(batch, nheads)
     cfg = config or decode_config(head_dim, q.dtype, seqlen_q, max_seqlen_k)
     m_blocks = triton.cdiv(seqlen_q, cfg.block_m)
     if num_splits is None:
