@@ -1,0 +1,664 @@
+"""``bark-kernels speak``: text in, 24 kHz 16-bit mono WAV out.
+
+    bark-kernels speak "Hello there." -o hello.wav [--model ID|PATH|random] [--voice PRESET|FILE.npz]
+        [--attn auto|triton|cuda|flash_attention_2|sdpa|eager] [--dtype auto|float32|float16|bfloat16]
+        [--device cpu|cuda[:N]] [--seed N] [--batch-file texts.txt] [--greedy] [--temperature T]
+        [--semantic-max-new-tokens N] [--threads N] [--quiet]
+
+Without ``--model`` it uses suno/bark-small when that is in the local Hugging Face cache; otherwise (a fresh machine,
+no network) it runs a built-in randomly initialised model with bark-small's real shapes, says so plainly (the audio is
+noise) and keeps the run short (``--semantic-max-new-tokens`` defaults to 32 there). Each stage shows a tqdm progress
+bar; a summary gives tokens/s per stage, the real-time factor and the attention backend that ran. Every WAV is written
+to a temporary file next to the target and moved into place with ``os.replace``, so a failed run leaves no partial file.
+
+``bark_kernels.cli`` dispatches ``bark-kernels speak`` to :func:`speak_main`; :func:`add_speak_parser` adds the same
+options to an ``argparse`` sub-command parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+import wave
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["speak_main", "add_speak_parser", "build_speak_parser", "run_speak", "write_wav_atomic", "SpeakError"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REPO = "suno/bark-small"
+RANDOM_MODEL = "random"
+ATTN_CHOICES = ("auto", "triton", "cuda", "flash_attention_2", "sdpa", "eager")
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+RANDOM_MODEL_SEMANTIC_MAX_NEW_TOKENS = 32  # ~0.6 s of audio: keeps the random bark-small run about a minute on CPU
+SAMPLE_WIDTH_BYTES = 2  # 16-bit PCM
+
+
+class SpeakError(Exception):
+    """A user-facing error: printed without a traceback, exit code 1."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# argument parsing
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def _configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("text", nargs="?", help="the text to speak (or use --batch-file)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output WAV path (24 kHz, 16-bit, mono); with --batch-file of several lines, "
+        "OUT.wav becomes OUT_000.wav, OUT_001.wav, ...",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"checkpoint directory or Hugging Face repo id, or '{RANDOM_MODEL}' for the built-in "
+        f"random model (default: {DEFAULT_REPO} if it is in the local HF cache, else random)",
+    )
+    parser.add_argument(
+        "--voice",
+        default=None,
+        help="voice preset: a name from the checkpoint's speaker embeddings (e.g. v2/en_speaker_6) "
+        "or a path to an .npz with semantic_prompt, coarse_prompt, fine_prompt",
+    )
+    parser.add_argument(
+        "--attn",
+        default="auto",
+        choices=ATTN_CHOICES,
+        help="attention implementation (bark_kernels backend); default: auto",
+    )
+    parser.add_argument(
+        "--dtype", default="auto", choices=DTYPE_CHOICES, help="model dtype; auto = float16 on CUDA, float32 on CPU"
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="random seed for sampling (default: 0)")
+    parser.add_argument(
+        "--batch-file", default=None, help="UTF-8 text file, one text per non-empty line; each line becomes its own WAV"
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="texts generated together with --batch-file (default: 8)"
+    )
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument(
+        "--temperature",
+        type=_positive_float,
+        default=None,
+        help="sampling temperature of the semantic and coarse stages (default: the checkpoint's)",
+    )
+    parser.add_argument(
+        "--semantic-max-new-tokens",
+        type=_positive_int,
+        default=None,
+        help="cap on semantic tokens (~50 per second of audio); default: the checkpoint's (768), "
+        f"{RANDOM_MODEL_SEMANTIC_MAX_NEW_TOKENS} for the built-in random model",
+    )
+    parser.add_argument(
+        "--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def build_speak_parser(prog: str = "bark-kernels speak") -> argparse.ArgumentParser:
+    return _configure_parser(argparse.ArgumentParser(prog=prog, description="Text to 24 kHz speech with Bark."))
+
+
+def add_speak_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``speak`` to an argparse sub-command set; the parsed namespace's ``func`` runs it (returns the exit code)."""
+    parser = subparsers.add_parser(
+        "speak", help="text to speech (24 kHz WAV)", description="Text to 24 kHz speech with Bark."
+    )
+    _configure_parser(parser)
+    parser.set_defaults(func=run_speak)
+    return parser
+
+
+def speak_main(argv: list[str] | None = None) -> int:
+    """``bark-kernels speak ...``; returns the exit code (0 ok, 1 failed run, 2 bad arguments)."""
+    parser = build_speak_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed the usage error (or the help)
+        return int(exit_.code) if isinstance(exit_.code, int) else 2
+    return run_speak(args)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# WAV output
+
+
+def write_wav_atomic(path: str, audio, sample_rate: int = 24_000) -> int:
+    """Write mono float audio in [-1, 1] as 16-bit PCM; temp file in the same directory + os.replace.
+
+    Returns the number of samples written. Values outside [-1, 1] are clipped, non-finite values become 0.
+    """
+    samples = np.asarray(audio, dtype=np.float32).reshape(-1)
+    if not np.isfinite(samples).all():
+        logger.warning("%s: %d non-finite audio samples written as 0", path, int((~np.isfinite(samples)).sum()))
+        samples = np.nan_to_num(samples, nan=0.0, posinf=0.0, neginf=0.0)
+    pcm = np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+    target = os.path.abspath(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=os.path.dirname(target))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the WAV a normal file's permissions
+        with os.fdopen(fd, "wb") as f:
+            with wave.open(f, "wb") as w:
+                w.setnchannels(1)
+                w.setsampwidth(SAMPLE_WIDTH_BYTES)
+                w.setframerate(int(sample_rate))
+                w.writeframes(pcm.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return int(pcm.shape[0])
+
+
+def _output_paths(output: str, count: int) -> list[str]:
+    if count == 1:
+        return [output]
+    stem, ext = os.path.splitext(output)
+    return [f"{stem}_{i:03d}{ext or '.wav'}" for i in range(count)]
+
+
+def _check_output_path(path: str) -> None:
+    if os.path.isdir(path):
+        raise SpeakError(f"--output: {path!r} is a directory; expected a file path such as out.wav")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise SpeakError(f"--output: the directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise SpeakError(f"--output: the directory {parent!r} is not writable")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def _read_texts(args) -> list[str]:
+    if args.text is not None and args.batch_file is not None:
+        raise SpeakError("give the text either as an argument or with --batch-file, not both")
+    if args.batch_file is not None:
+        try:
+            with open(args.batch_file, encoding="utf-8") as f:
+                texts = [line.strip() for line in f]
+        except FileNotFoundError:
+            raise SpeakError(f"--batch-file: {args.batch_file!r} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpeakError(f"--batch-file: cannot read {args.batch_file!r} as UTF-8 text: {e}") from None
+        texts = [t for t in texts if t]
+        if not texts:
+            raise SpeakError(f"--batch-file: {args.batch_file!r} has no non-empty line")
+        return texts
+    if args.text is None:
+        raise SpeakError('nothing to speak: give a text (bark-kernels speak "Hello." -o out.wav) or --batch-file')
+    if not args.text.strip():
+        raise SpeakError("text: empty; give some words to speak")
+    return [args.text]
+
+
+def _resolve_device_and_dtype(args):
+    import torch
+
+    if args.device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError) as e:
+            raise SpeakError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r} ({e})") from None
+        if device.type not in ("cpu", "cuda"):
+            raise SpeakError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise SpeakError("--device: CUDA was requested but torch sees no CUDA device (use --device cpu)")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise SpeakError(f"--device: {args.device!r} but only {torch.cuda.device_count()} CUDA device(s)")
+    if args.dtype == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    return device, dtype
+
+
+def _set_threads(threads: int | None, device) -> str | None:
+    """--threads, or on a CPU run of an oversubscribed machine one thread: torch's OpenMP workers then wait on
+    descheduled peers at every op (a decode step measured 6x slower with 2 threads than with 1 at load 2x the cores)."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+        return None
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    if torch.get_num_threads() > 1 and load > cores:
+        torch.set_num_threads(1)
+        return (
+            f"threads: the machine is busy (load {load:.1f} on {cores} cores), so torch runs on 1 thread; "
+            f"pass --threads N to choose"
+        )
+    return None
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """True when repo_id's config.json is in the local Hugging Face cache (no network access)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # a malformed cache must not stop the random-model fallback
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the model and the text encoding
+
+
+@dataclass
+class _Loaded:
+    model: object
+    source: str  # what to print
+    random: bool
+    processor: object | None = None
+
+
+def _load_model(args, device, dtype) -> _Loaded:
+    import torch
+
+    import bark
+
+    name = args.model
+    if name is None:
+        name = DEFAULT_REPO if _hub_cached(DEFAULT_REPO) else RANDOM_MODEL
+        if name == RANDOM_MODEL:
+            print(
+                f"No --model given and {DEFAULT_REPO} is not in the local Hugging Face cache: using the built-in "
+                f"random model.",
+                flush=True,
+            )
+    if name == RANDOM_MODEL:
+        torch.manual_seed(args.seed)
+        try:
+            model = bark.BarkModel(bark.bark_small_config(), attn_implementation=args.attn)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise SpeakError(f"--attn {args.attn}: {e}") from None
+        model = model.to(device=device, dtype=dtype).eval()
+        return _Loaded(model, "built-in random model with bark-small's shapes (NOT trained)", True)
+    try:
+        model = bark.BarkModel.from_pretrained(name, attn_implementation=args.attn, dtype=dtype, device=device)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise SpeakError(f"--model {name}: {e}") from None
+    try:
+        processor = bark.BarkProcessor.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as e:
+        raise SpeakError(f"--model {name}: cannot load its tokenizer / voice presets: {e}") from None
+    return _Loaded(model.eval(), name, False, processor)
+
+
+def _encode_without_tokenizer(texts: Sequence[str], max_length: int = 256):
+    """The random model has no vocabulary: UTF-8 bytes -> ids 1000 + byte (any fixed map is as good as noise)."""
+    import torch
+
+    input_ids = torch.zeros(len(texts), max_length, dtype=torch.long)  # (B, 256)
+    attention_mask = torch.zeros(len(texts), max_length, dtype=torch.long)  # (B, 256)
+    for b, text in enumerate(texts):
+        ids = [1000 + byte for byte in text.encode("utf-8")][:max_length]
+        if ids:
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            attention_mask[b, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def _load_voice(loaded: _Loaded, voice: str | None):
+    if voice is None:
+        return None
+    if loaded.processor is not None:
+        try:
+            return loaded.processor.load_voice_preset(voice)
+        except (OSError, ValueError, TypeError) as e:
+            raise SpeakError(f"--voice: {e}") from None
+    import torch
+
+    from .processor import load_voice_preset_npz, validate_voice_preset
+
+    path = voice if voice.endswith(".npz") else voice + ".npz"
+    if not os.path.isfile(path):
+        raise SpeakError(
+            f"--voice: the built-in random model has no named voice presets; expected an .npz file, "
+            f"{path!r} does not exist"
+        )
+    try:
+        arrays = validate_voice_preset(load_voice_preset_npz(path), source=f"--voice {path!r}")
+    except (OSError, ValueError, TypeError) as e:
+        raise SpeakError(str(e)) from None
+    return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# per-stage progress and timing
+
+
+_STAGES = ("semantic", "coarse", "fine", "codec")
+
+
+@dataclass
+class _StageStats:
+    seconds: float = 0.0  # summed over the batches of texts
+    segment_start: float | None = None
+    ran: bool = False
+    forwards: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class _Monitor:
+    """Wraps the sub-models' step methods (instance attributes, removed afterwards) to drive one tqdm bar per stage and
+    time the stages. A stage runs from its first call to the first call of the next stage (or the end of generate)."""
+
+    model: object
+    device: object
+    semantic_total: int | None
+    show: bool
+    stats: dict = field(default_factory=lambda: {s: _StageStats() for s in _STAGES})
+    _bar: object = None
+    _current: str | None = None
+
+    def _sync(self) -> None:
+        if getattr(self.device, "type", "cpu") == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def _enter(self, stage: str) -> None:
+        if self._current == stage:
+            return
+        self._close_segment()
+        self._current = stage
+        st = self.stats[stage]
+        st.ran = True
+        st.segment_start = time.perf_counter()
+        if self.show:
+            from tqdm.auto import tqdm
+
+            total = self.semantic_total if stage == "semantic" else None
+            unit = {"semantic": "step", "coarse": "step", "fine": "pass", "codec": "row"}[stage]
+            self._bar = tqdm(
+                total=total, desc=f"{stage:<8}", unit=unit, leave=True, file=sys.stderr, dynamic_ncols=True
+            )
+        else:
+            self._bar = None
+
+    def _wrap(self, owner, name: str, stage: str, rows_of) -> None:
+        original = getattr(owner, name, None)
+        if original is None:
+            return
+
+        def wrapped(*args, **kwargs):
+            self._enter(stage)
+            out = original(*args, **kwargs)
+            st = self.stats[stage]
+            st.forwards += 1
+            st.tokens += rows_of(args, kwargs)
+            if self._bar is not None:
+                self._bar.update(1)
+            return out
+
+        setattr(owner, name, wrapped)
+        self._installed.append((owner, name))
+
+    def _close_segment(self) -> None:
+        self._sync()
+        now = time.perf_counter()
+        if self._current is not None:
+            st = self.stats[self._current]
+            st.seconds += now - st.segment_start
+            st.segment_start = None
+        self._current = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def finish(self) -> None:
+        """End of one generate call: close the running stage."""
+        self._close_segment()
+
+    @contextmanager
+    def installed(self):
+        self._installed: list = []
+
+        def batch_of(args, kwargs):  # first positional argument: (B, ...) tensor or a list of B tensors
+            first = args[0] if args else next(iter(kwargs.values()))
+            return len(first) if isinstance(first, (list, tuple)) else int(first.shape[0])
+
+        def fine_rows(args, kwargs):  # hidden_states(codebook_idx, input_ids (B, T, n_codes))
+            ids = args[1] if len(args) > 1 else kwargs.get("input_ids")
+            return int(ids.shape[0])
+
+        m = self.model
+        for name in ("prefill", "prefill_varlen", "decode_step"):
+            self._wrap(m.semantic, name, "semantic", batch_of)
+            self._wrap(m.coarse_acoustics, name, "coarse", batch_of)
+        self._wrap(m.fine_acoustics, "hidden_states", "fine", fine_rows)
+        self._wrap(m.codec_model, "decode", "codec", batch_of)
+        try:
+            yield self
+        finally:
+            for owner, name in self._installed:
+                try:
+                    delattr(owner, name)
+                except AttributeError:
+                    pass
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+
+def _backend_report(model, device, dtype) -> str:
+    """The bark_kernels backend each attention op resolves to for this model (explicit choice or automatic)."""
+    try:
+        from bark_kernels import registry
+    except ImportError:  # pragma: no cover
+        return "unknown"
+    requested = getattr(model, "attn_backend", None)
+    head_dim = model.config.semantic_config.head_dim
+    chosen = {}
+    for op in ("attention", "attention_with_kvcache", "attention_varlen"):
+        try:
+            chosen[op] = registry.select(op, device, dtype, head_dim, backend=requested)[0]
+        except Exception as e:  # noqa: BLE001 - report, do not fail after the audio is written
+            chosen[op] = f"unavailable ({type(e).__name__})"
+    names = set(chosen.values())
+    how = f"--attn {model.attn_implementation}" if requested is not None else "auto"
+    if len(names) == 1:
+        return f"{names.pop()} ({how})"
+    return (
+        f"prefill/fine: {chosen['attention']}, decode: {chosen['attention_with_kvcache']}, "
+        f"varlen prefill: {chosen['attention_varlen']} ({how})"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the command
+
+
+def run_speak(args: argparse.Namespace) -> int:
+    """Run ``speak`` with parsed arguments; returns the exit code. User errors print one line to stderr."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    except SpeakError as e:
+        print(f"bark-kernels speak: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bark-kernels speak: interrupted (no partial WAV is left behind)", file=sys.stderr)
+        return 130
+    finally:
+        torch.set_num_threads(threads)  # speak_main may run inside a larger program (tests): leave torch as found
+
+
+def _run(args: argparse.Namespace) -> int:
+    texts = _read_texts(args)
+    outputs = _output_paths(args.output, len(texts))
+    for path in outputs:
+        _check_output_path(path)
+    if args.voice is not None and args.voice.endswith(".npz") and not os.path.isfile(args.voice):
+        raise SpeakError(f"--voice: {args.voice!r} does not exist")
+
+    import torch
+
+    device, dtype = _resolve_device_and_dtype(args)
+    threads_note = _set_threads(args.threads, device)
+
+    t0 = time.perf_counter()
+    loaded = _load_model(args, device, dtype)
+    model = loaded.model
+    load_s = time.perf_counter() - t0
+    history_prompt = _load_voice(loaded, args.voice)
+
+    gen_kwargs: dict = {"do_sample": not args.greedy}
+    if args.temperature is not None:
+        gen_kwargs["semantic_temperature"] = args.temperature
+        gen_kwargs["coarse_temperature"] = args.temperature
+    max_new = args.semantic_max_new_tokens
+    if max_new is None and loaded.random:
+        max_new = RANDOM_MODEL_SEMANTIC_MAX_NEW_TOKENS
+    if max_new is not None:
+        gen_kwargs["semantic_max_new_tokens"] = max_new
+    semantic_total = max_new if max_new is not None else model.generation_config.semantic_config.max_new_tokens
+    sample_rate = int(model.sampling_rate)
+
+    print(f"model:  {loaded.source}  [{device}, {str(dtype).replace('torch.', '')}, attn={args.attn}]", flush=True)
+    if loaded.random:
+        print(
+            f"NOTE: this model is randomly initialised, so the audio is NOISE, not speech; text is encoded as bytes "
+            f"(no tokenizer) and semantic_max_new_tokens defaults to {RANDOM_MODEL_SEMANTIC_MAX_NEW_TOKENS} to keep "
+            f"the run short. Pass --model suno/bark-small (downloaded once) for real speech.",
+            flush=True,
+        )
+    if threads_note:
+        print(threads_note, flush=True)
+    mode = "greedy" if args.greedy else f"sampling (seed {args.seed})"
+    print(f"texts:  {len(texts)}  decoding: {mode}  semantic_max_new_tokens: {semantic_total}", flush=True)
+
+    monitor = _Monitor(model, device, semantic_total, show=not args.quiet)
+    rows: list[np.ndarray] = []
+    gen_s = 0.0
+    with monitor.installed():
+        for start in range(0, len(texts), args.batch_size):
+            chunk = texts[start : start + args.batch_size]
+            if loaded.processor is not None:
+                enc = loaded.processor(chunk)
+                input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+            else:
+                input_ids, attention_mask = _encode_without_tokenizer(chunk)
+            torch.manual_seed(args.seed + start)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            try:
+                audio, lengths = model.generate(
+                    input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    history_prompt=history_prompt,
+                    return_output_lengths=True,
+                    **gen_kwargs,
+                )
+            except (ValueError, TypeError) as e:
+                raise SpeakError(f"generation failed: {e}") from None
+            monitor.finish()
+            gen_s += time.perf_counter() - t1
+            audio = audio.float().cpu().numpy()
+            rows.extend(audio[b, : int(n)] for b, n in enumerate(lengths))
+
+    written = []
+    for path, samples in zip(outputs, rows, strict=True):
+        n = write_wav_atomic(path, samples, sample_rate)
+        written.append((path, n))
+        if n == 0:
+            logger.warning("%s: the model ended at once: 0 samples written", path)
+
+    total_samples = sum(n for _, n in written)
+    audio_s = total_samples / sample_rate
+    hop = getattr(model.codec_model, "hop_length", 320)
+    frames = total_samples // hop
+    n_coarse = model.generation_config.coarse_acoustics_config.n_coarse_codebooks
+    n_fine = model.generation_config.fine_acoustics_config.n_fine_codebooks
+    stats = monitor.stats
+    stats["fine"].tokens = frames * (n_fine - n_coarse)  # codes predicted by the fine stage
+    stats["codec"].tokens = frames
+
+    print("summary:")
+    print(f"  load        {load_s:8.2f} s")
+    for stage, what in (("semantic", "tokens"), ("coarse", "tokens"), ("fine", "codes"), ("codec", "frames")):
+        st = stats[stage]
+        if not st.ran:
+            print(f"  {stage:<11} (did not run)")
+            continue
+        secs = st.seconds
+        rate = st.tokens / secs if secs > 0 else float("inf")
+        print(f"  {stage:<11} {secs:8.2f} s  {st.tokens:7d} {what:<6} {rate:9.1f} {what}/s")
+    rtf = gen_s / audio_s if audio_s > 0 else float("inf")
+    print(
+        f"  generate    {gen_s:8.2f} s  for {audio_s:.2f} s of audio: real-time factor {rtf:.2f} "
+        f"({'faster' if rtf < 1 else 'slower'} than real time)"
+    )
+    print(f"  attention   {_backend_report(model, device, dtype)}")
+    for path, n in written:
+        print(
+            f"wrote {path}  ({n} samples, {n / sample_rate:.2f} s, {sample_rate} Hz, 16-bit mono)"
+            + ("  [random model: noise]" if loaded.random else "")
+        )
+    return 0
