@@ -181,7 +181,7 @@ def test_use_bark_kernels_switches_a_loaded_model(eager_model):
     mask[1, :3] = 0
     with torch.no_grad():
         ref = eager_model.semantic(ids, attention_mask=mask, use_cache=False).logits
-        assert hf_integration.use_bark_kernels(model, "bark_torch") is model
+        assert bark_kernels.integrations.use_bark_kernels(model, "bark_torch") is model  # the light wrapper
         assert {type(m).__name__ for m in _bark_attention_modules(model)} == {"BarkKernelsSelfAttentionBarkTorch"}
         assert model.semantic.config._attn_implementation == "bark_torch"
         out = model.semantic(ids, attention_mask=mask, use_cache=False).logits

@@ -46,6 +46,13 @@ def register_transformers(*, force: bool = False) -> list[str]:
     return _hf.register(force=force)
 
 
+def use_bark_kernels(model, attn_implementation: str = "triton"):
+    """Switch an already loaded transformers Bark model to one of our names in place (``"eager"`` switches back)."""
+    from . import transformers as _hf
+
+    return _hf.use_bark_kernels(model, attn_implementation)
+
+
 class _BarkImportHook(importlib.abc.MetaPathFinder):
     """One-shot post-import hook: registers once ``transformers.models.bark.modeling_bark`` has been executed."""
 
@@ -125,4 +132,4 @@ def auto_registration_error() -> Exception | None:
     return _auto_state["error"]
 
 
-__all__ = ["register_transformers", "auto_register_transformers", "auto_registration_error"]
+__all__ = ["register_transformers", "use_bark_kernels", "auto_register_transformers", "auto_registration_error"]
