@@ -559,6 +559,8 @@ def _run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from bark_kernels import BackendUnavailableError
+
     device, dtype = _resolve_device_and_dtype(args)
     threads_note = _set_threads(args.threads, device)
 
@@ -616,7 +618,7 @@ def _run(args: argparse.Namespace) -> int:
                     return_output_lengths=True,
                     **gen_kwargs,
                 )
-            except (ValueError, TypeError) as e:
+            except (ValueError, TypeError, BackendUnavailableError) as e:
                 raise SpeakError(f"generation failed: {e}") from None
             monitor.finish()
             gen_s += time.perf_counter() - t1

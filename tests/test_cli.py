@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import wave
 
@@ -30,6 +31,13 @@ def tiny_dir(tmp_path_factory):
     save_tiny_bark(path)
     (path / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
     (path / "tokenizer_config.json").write_text('{"do_lower_case": false}', encoding="utf-8")
+    (path / "speaker_embeddings").mkdir()
+    table = {"v2/en_speaker_0": {}}
+    for key, value in random_voice_preset(seed=2).items():
+        rel = f"speaker_embeddings/en_speaker_0_{key}.npy"
+        np.save(path / rel, value)
+        table["v2/en_speaker_0"][key] = rel
+    (path / "speaker_embeddings_path.json").write_text(json.dumps(table), encoding="utf-8")
     return path
 
 
@@ -50,7 +58,20 @@ def test_speak_writes_the_models_audio(tiny_dir, tmp_path, capsys):
     out = tmp_path / "out.wav"
     threads = str(torch.get_num_threads())  # same thread count as the reference run below: same float sums
     rc = speak_main(
-        ["hello world.", "-o", str(out), "--model", str(tiny_dir), "--seed", "3", "--threads", threads, *FAST]
+        [
+            "hello world.",
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_dir),
+            "--seed",
+            "3",
+            "--threads",
+            threads,
+            "--voice",
+            "v2/en_speaker_0",
+            *FAST,
+        ]
     )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -67,11 +88,12 @@ def test_speak_writes_the_models_audio(tiny_dir, tmp_path, capsys):
 
     model = bark.BarkModel.from_pretrained(str(tiny_dir))
     processor = bark.BarkProcessor.from_pretrained(str(tiny_dir))
-    inputs = processor(["hello world."])
+    inputs = processor(["hello world."], voice_preset="v2/en_speaker_0")
     torch.manual_seed(3)
     audio, lengths = model.generate(
         inputs["input_ids"],
         attention_mask=inputs["attention_mask"],
+        history_prompt=inputs["history_prompt"],
         return_output_lengths=True,
         do_sample=True,
         semantic_max_new_tokens=12,
