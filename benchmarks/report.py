@@ -253,7 +253,8 @@ def write_markdown(path: Path, payload: dict) -> None:
                 ("total s", "total_s"), ("s per 10 s audio", "seconds_per_10s_audio"),
                 ("peak GPU GiB", "peak_gpu_memory"), ("speedup", "speedup_vs_transformers"),
                 ("vs transformers fp32", "speedup_vs_transformers_fp32"),
-                ("same tokens", "same_semantic_tokens_as_transformers")]
+                ("same tokens", "same_semantic_tokens_as_transformers"),
+                ("audio max diff", "audio_max_abs_diff_vs_transformers")]
         out.append("| model | dtype | batch | impl | " + " | ".join(c for c, _ in cols) + " |")
         out.append("|---|---|---|---|" + "---|" * len(cols))
         for r in e2e.get("runs", []):
