@@ -84,10 +84,14 @@ done <"$jobs_list"
 
 # The binding needs torch's CUDA headers; a CPU-only torch ships them but lacks one generated header
 # (c10/cuda/impl/cuda_cmake_macros.h), which an empty stand-in replaces for this syntax-only check.
-if [[ "${SKIP_BINDING_CHECK:-0}" != 1 && -f "$CSRC/bindings.cpp" ]] && python -c "import torch" >/dev/null 2>&1; then
+PYTHON="${PYTHON:-}"
+if [[ -z "$PYTHON" ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON="$(command -v python3 || command -v python || true)"; fi
+fi
+if [[ "${SKIP_BINDING_CHECK:-0}" != 1 && -f "$CSRC/bindings.cpp" && -n "$PYTHON" ]] && "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   CXX="${CXX:-c++}"
-  TORCH_INC="$(python -c 'import torch.utils.cpp_extension as c; print(" ".join(c.include_paths()))')"
-  PY_INC="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+  TORCH_INC="$("$PYTHON" -c 'import torch.utils.cpp_extension as c; print(" ".join(c.include_paths()))')"
+  PY_INC="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
   CUDA_INC=""
   for d in "${CUDA_HOME:-}" "$(dirname "$(dirname "$(readlink -f "$(command -v "$NVCC")")")")" /usr/local/cuda; do
     if [[ -n "$d" && -f "$d/include/cuda_runtime.h" ]]; then CUDA_INC="$d/include"; break; fi
