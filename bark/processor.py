@@ -344,6 +344,9 @@ class BarkProcessor:
                     raise ValueError(
                         f"text[{i}]: {len(ids)} tokens is longer than max_length={max_length} and truncation=False"
                     )
+                logger.warning(
+                    "text[%d]: %d tokens, truncated to max_length=%d (Bark reads at most 256)", i, len(ids), max_length
+                )
                 ids = ids[:max_length] if self.truncation_side == "right" else ids[-max_length:]
             rows.append(ids)
         batch = len(rows)

@@ -133,9 +133,11 @@ def test_batch_matches_transformers(checkpoint, hf_processor):
     assert out["attention_mask"][0].sum() != out["attention_mask"][1].sum()
 
 
-def test_long_text_truncated_to_256(checkpoint, hf_processor):
+def test_long_text_truncated_to_256(checkpoint, hf_processor, caplog):
     ours = BarkProcessor.from_pretrained(checkpoint[0])
-    out = ours(LONG_TEXT)
+    with caplog.at_level(logging.WARNING, logger="bark.processor"):
+        out = ours(LONG_TEXT)
+    assert "truncated to max_length=256" in caplog.text
     # transformers does not truncate (it returns the longer row); Bark's semantic model reads the first 256.
     ref = _hf_encode(hf_processor, LONG_TEXT)
     assert ref["input_ids"].shape[1] > 256
