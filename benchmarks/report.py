@@ -283,6 +283,22 @@ def write_markdown(path: Path, payload: dict) -> None:
 # plots
 
 
+def _grid(plt, panels):
+    """One subplot per (model, batch): a row per model, a column per batch. Returns (figure, {panel: axes})."""
+    models = list(OrderedDict.fromkeys(m for m, _ in panels))
+    batches = sorted({b for _, b in panels})
+    fig, axes = plt.subplots(len(models), len(batches), squeeze=False,
+                             figsize=(max(6.5, 4.0 * len(batches)), 0.6 + 3.3 * len(models)))
+    grid = {}
+    for i, m in enumerate(models):
+        for j, b in enumerate(batches):
+            if (m, b) in panels:
+                grid[(m, b)] = axes[i][j]
+            else:
+                axes[i][j].set_visible(False)
+    return fig, grid
+
+
 def write_plots(out_dir: Path, payload: dict) -> list[str]:
     """PNG plots; returns the file names written."""
     import matplotlib
@@ -306,8 +322,8 @@ def write_plots(out_dir: Path, payload: dict) -> list[str]:
         dtype = pre[0]["params"]["dtype"]
         panels = list(OrderedDict.fromkeys((r["params"]["model"], r["params"]["batch"]) for r in pre
                                            if r["params"]["dtype"] == dtype))
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-        for ax, (model, batch) in zip(axes[0], panels, strict=True):
+        fig, grid = _grid(plt, panels)
+        for (model, batch), ax in grid.items():
             rs = [r for r in pre if r["params"]["model"] == model and r["params"]["batch"] == batch
                   and r["params"]["dtype"] == dtype]
             for p in OrderedDict.fromkeys(r["provider"] for r in rs):
@@ -318,17 +334,17 @@ def write_plots(out_dir: Path, payload: dict) -> list[str]:
             ax.set_xlabel("seqlen (Sq = Sk)")
             ax.set_ylabel("TFLOP/s (causal: unmasked half)")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
+        next(iter(grid.values())).legend(fontsize=7)
         fig.suptitle(f"Causal prefill, head_dim 64 — {env['device_name']}", fontsize=10)
         save(fig, "prefill_tflops.png")
 
     dec = [r for r in kernels if r["section"] == "decode"]
     if dec:
         panels = list(OrderedDict.fromkeys((r["params"]["model"], r["params"]["batch"]) for r in dec))
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), squeeze=False)
+        fig, grid = _grid(plt, panels)
         copy = payload.get("copy_bandwidth", {})
         copy_bw = copy.get("figures", {}).get("bandwidth", {}).get("value") if copy.get("status") == "ok" else None
-        for ax, (model, batch) in zip(axes[0], panels, strict=True):
+        for (model, batch), ax in grid.items():
             rs = [r for r in dec if r["params"]["model"] == model and r["params"]["batch"] == batch]
             for p in OrderedDict.fromkeys(r["provider"] for r in rs):
                 pts = sorted((r["params"]["cache_len"], r["figures"]["bandwidth"]["value"]) for r in rs
@@ -340,7 +356,7 @@ def write_plots(out_dir: Path, payload: dict) -> list[str]:
             ax.set_xlabel("cache length")
             ax.set_ylabel("achieved GB/s")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
+        next(iter(grid.values())).legend(fontsize=7)
         fig.suptitle(f"Decode (one query) — {env['device_name']}", fontsize=10)
         save(fig, "decode_bandwidth.png")
 
@@ -348,18 +364,22 @@ def write_plots(out_dir: Path, payload: dict) -> list[str]:
     runs = [r for r in e2e.get("runs", []) if r["status"] == "ok"]
     if runs:
         stages = ("semantic_s", "coarse_s", "fine_s", "codec_s")
-        labels = [f"{r['params']['model']} {r['params']['dtype']} B={r['params']['batch']}\n{r['provider']}"
+        labels = [f"{r['params']['model']} {r['params']['dtype']} B={r['params']['batch']}  {r['provider']}"
                   for r in runs]
-        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(runs)), 4.2))
-        bottom = [0.0] * len(runs)
+        fig, ax = plt.subplots(figsize=(9.0, 1.6 + 0.32 * len(runs)))
+        left = [0.0] * len(runs)
+        ys = list(range(len(runs)))[::-1]  # first run at the top
         for stage in stages:
             vals = [r["figures"].get(stage, {}).get("value", 0.0) for r in runs]
-            ax.bar(range(len(runs)), vals, bottom=bottom, label=stage.replace("_s", ""))
-            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-        ax.set_xticks(range(len(runs)))
-        ax.set_xticklabels(labels, fontsize=6, rotation=60, ha="right")
-        ax.set_ylabel("seconds")
-        ax.legend(fontsize=8)
-        ax.set_title(f"End to end per stage, ours vs transformers — {env['device_name']}", fontsize=10)
+            ax.barh(ys, vals, left=left, height=0.6, label=stage.replace("_s", ""))
+            left = [a + v for a, v in zip(left, vals, strict=True)]
+        for y, r, x in zip(ys, runs, left, strict=True):
+            ax.text(x, y, f" {r['figures']['total_s']['value']:.2f} s", va="center", fontsize=7)
+        ax.set_yticks(ys)
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.set_xlabel("seconds (stacked per stage)")
+        ax.set_xlim(0, max(left) * 1.18 if max(left) > 0 else 1)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.set_title(f"End to end per stage, ours vs transformers — {env['device_name']}", fontsize=9)
         save(fig, "e2e_stages.png")
     return written
