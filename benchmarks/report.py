@@ -84,7 +84,9 @@ def environment(device: torch.device) -> dict:
     env["numpy"] = _version("numpy")
     env["bark_kernels"] = _version("bark_kernels")
     env["git_commit"] = _git("rev-parse", "HEAD") or "unknown"
-    env["git_dirty"] = bool(_git("status", "--porcelain", "--", "bark_kernels", "bark", "benchmarks", "csrc"))
+    # uncommitted changes to the code being measured (results directories excluded)
+    env["git_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no", "--", "bark_kernels", "bark",
+                                 "benchmarks", "csrc", "setup.py", ":(exclude)benchmarks/results"))
     env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "")
     try:
         env["loadavg_start"] = list(os.getloadavg())
