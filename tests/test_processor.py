@@ -282,3 +282,46 @@ def test_repo_id_through_local_hf_cache(tmp_path, monkeypatch, checkpoint, hf_pr
     assert out["history_prompt"]["coarse_prompt"].shape == (2, 31)
     with pytest.raises(FileNotFoundError, match="not in the local cache"):
         BarkProcessor.from_pretrained("suno/not-cached")
+
+
+def test_random_strings_match_transformers(checkpoint, hf_processor):
+    # Seeded fuzz over vocab pieces, whitespace, control / zero-width / combining characters and special tokens.
+    import random
+
+    ours = BarkProcessor.from_pretrained(checkpoint[0])
+    rng = random.Random(0)
+    alphabet = VOCAB + [
+        " ",
+        "  ",
+        "\t",
+        "\n",
+        "\u200b",
+        "\u0301",
+        "e\u0301",
+        "\x00",
+        "\x07",
+        "\ufeff",
+        "🙂",
+        "Ω",
+        "İ",
+        "ﬁ",
+        "①",
+        "[PAD]",
+        "[SEP]",
+        "##",
+        "#",
+        "...",
+        "“",
+        "”",
+        "¿",
+        "¡",
+    ]
+    texts = [
+        "".join(rng.choice(alphabet) + rng.choice(["", " "]) for _ in range(rng.randint(0, 30))) for _ in range(300)
+    ]
+    for start in range(0, len(texts), 50):
+        batch = texts[start : start + 50]
+        out = ours(batch)
+        ref = _hf_encode(hf_processor, batch, truncation=True)
+        assert torch.equal(out["input_ids"], ref["input_ids"]), batch
+        assert torch.equal(out["attention_mask"], ref["attention_mask"]), batch
