@@ -81,6 +81,7 @@ def test_speak_writes_the_models_audio(tiny_dir, tmp_path, capsys):
     assert _leftovers(tmp_path) == []
     for word in ("semantic", "coarse", "fine", "codec", "real-time factor", "attention"):
         assert word in captured.out
+    assert "did not run" not in captured.out  # every stage was seen by the progress / timing hooks
     assert "NOISE" not in captured.out  # a checkpoint, not the built-in random model
 
     # The WAV holds exactly what the model generates for the same inputs and seed (16-bit rounding aside).
