@@ -397,6 +397,20 @@ def _one_run(impl: str, model, batch: int, plan: E2EPlan, device: torch.device, 
     return f, (_semantic_rows(semantic), audio.detach().float().cpu()), time.perf_counter() - t_begin
 
 
+def _attn_label(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Which attention each row ran: transformers' eager, ours' automatic choice (named), or the integration's."""
+    if impl == "transformers":
+        return "eager (transformers' default for Bark)"
+    if impl.startswith("transformers[attn="):
+        return impl[len("transformers[attn="):-1] + " (bark_kernels via the transformers integration)"
+    try:
+        from bark_kernels import registry
+
+        return f"auto -> {registry.select('attention', device, dtype, 64)[0]}"
+    except Exception as exc:
+        return f"auto (selection failed: {type(exc).__name__})"
+
+
 def run_order(plan: E2EPlan) -> list[tuple[str, torch.dtype, int]]:
     """Most telling configurations first, so a budget cut drops the least telling: batch 1 of the first model in
     every dtype, batch 1 of the others in fp16 then fp32, then fp16 at larger batches, then the rest."""
@@ -451,7 +465,7 @@ def run_e2e(device: torch.device, quick: bool, budget, progress=None) -> dict:
     order = run_order(plan)
     for model_name, dtype, batch in (progress(order, desc="e2e") if progress else order):
         params = {"model": model_name, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
-                  "semantic_tokens": plan.semantic_tokens, "attn_implementation": "auto"}
+                  "semantic_tokens": plan.semantic_tokens}
         if model_name not in built and model_name not in build_errors:
             try:
                 config = bark_config_for(model_name)
@@ -485,7 +499,9 @@ def run_e2e(device: torch.device, quick: bool, budget, progress=None) -> dict:
                 candidates.append((f"transformers[attn={impl_name}]", twins[impl_name]))
         pair, tokens = {}, {}
         for impl, model in candidates:
-            rec = {"section": "e2e", "provider": impl, "params": dict(params), "figures": {}}
+            rec = {"section": "e2e", "provider": impl, "params": dict(params, attn_implementation=_attn_label(impl, device,
+                                                                                                        dtype)),
+                   "figures": {}}
             runs.append(rec)
             if model is None or isinstance(model, str):
                 rec.update(status="skipped" if model is None else "failed", reason=model or ours_reason)

@@ -261,8 +261,10 @@ def write_markdown(path: Path, payload: dict) -> None:
         out.append("|---|---|---|---|" + "---|" * len(cols))
         for r in e2e.get("runs", []):
             f = r["figures"]
+            attn = r["params"].get("attn_implementation", "")
+            impl = f"{r['provider']} ({attn.split(' (')[0]})" if r["provider"] == "ours" and attn else r["provider"]
             head = f"| {r['params'].get('model')} | {r['params'].get('dtype')} | {r['params'].get('batch')} | " \
-                   f"{r['provider']} |"
+                   f"{impl} |"
             if r["status"] != "ok":
                 out.append(head + f" {r['status']}: {r.get('reason', '')} |" + "|" * (len(cols) - 1))
                 continue
