@@ -247,3 +247,22 @@ def test_add_speak_parser():
     args = parser.parse_args(["speak", "hi", "-o", "x.wav", "--attn", "sdpa", "--seed", "7"])
     assert args.command == "speak" and args.text == "hi" and args.attn == "sdpa" and args.seed == 7
     assert args.func is cli.run_speak
+
+
+def test_default_model_from_the_local_hf_cache(tiny_dir, tmp_path, capsys, monkeypatch):
+    # No --model: suno/bark-small is used when the local Hugging Face cache has it (offline, no download).
+    import shutil
+
+    hub = pytest.importorskip("huggingface_hub")
+    repo = tmp_path / "hub" / "models--suno--bark-small"
+    shutil.copytree(tiny_dir, repo / "snapshots" / ("1" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("1" * 40)
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "cached.wav"
+    rc = speak_main(["hello", "-o", str(out), *FAST])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "model:  suno/bark-small" in captured.out and "NOISE" not in captured.out
+    assert _read_wav(out).size > 0
