@@ -91,7 +91,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                     "got ", batch, " and ", nheads);
 
   const c10::cuda::OptionalCUDAGuard device_guard(q.device());
-  at::Tensor out = at::empty_like(q, q.options().memory_format(at::MemoryFormat::Contiguous));  // (B, Sq, H, D)
+  at::Tensor out = at::empty(q.sizes(), q.options());  // (B, Sq, H, D), contiguous
   if (out.numel() == 0) return out;
   if (seqlen_k == 0) return out.zero_();  // no key anywhere: every row is 0
 
