@@ -316,7 +316,11 @@ class _Loaded:
 def _load_model(args, device, dtype) -> _Loaded:
     import torch
 
-    import bark
+    # Submodules, not ``bark``'s re-exports: works even where ``bark`` resolves as a namespace package (an editable
+    # install made before bark/__init__.py existed).
+    from . import config as bark_config
+    from .model import BarkModel
+    from .processor import BarkProcessor
 
     name = args.model
     if name is None:
@@ -330,17 +334,17 @@ def _load_model(args, device, dtype) -> _Loaded:
     if name == RANDOM_MODEL:
         torch.manual_seed(args.seed)
         try:
-            model = bark.BarkModel(bark.bark_small_config(), attn_implementation=args.attn)
+            model = BarkModel(bark_config.bark_small_config(), attn_implementation=args.attn)
         except (ValueError, TypeError, RuntimeError) as e:
             raise SpeakError(f"--attn {args.attn}: {e}") from None
         model = model.to(device=device, dtype=dtype).eval()
         return _Loaded(model, "built-in random model with bark-small's shapes (NOT trained)", True)
     try:
-        model = bark.BarkModel.from_pretrained(name, attn_implementation=args.attn, dtype=dtype, device=device)
+        model = BarkModel.from_pretrained(name, attn_implementation=args.attn, dtype=dtype, device=device)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
         raise SpeakError(f"--model {name}: {e}") from None
     try:
-        processor = bark.BarkProcessor.from_pretrained(name)
+        processor = BarkProcessor.from_pretrained(name)
     except (OSError, ValueError, TypeError) as e:
         raise SpeakError(f"--model {name}: cannot load its tokenizer / voice presets: {e}") from None
     return _Loaded(model.eval(), name, False, processor)

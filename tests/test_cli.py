@@ -162,11 +162,11 @@ def _tiny_random_config():
 
 
 def test_builtin_random_model_when_no_checkpoint(tmp_path, capsys, monkeypatch):
-    import bark
+    import bark.config
 
     # No cached suno/bark-small: the built-in random model runs (shrunk here to keep the test fast) and says so.
     monkeypatch.setattr(cli, "_hub_cached", lambda repo_id: False)
-    monkeypatch.setattr(bark, "bark_small_config", _tiny_random_config)
+    monkeypatch.setattr(bark.config, "bark_small_config", _tiny_random_config)
     out = tmp_path / "noise.wav"
     rc = speak_main(["hello", "-o", str(out), "--quiet", "--device", "cpu"])
     captured = capsys.readouterr()
