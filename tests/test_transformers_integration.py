@@ -24,6 +24,10 @@ from bark_kernels.testing import MODEL_RTOL, TOLERANCES
 
 transformers = pytest.importorskip("transformers")
 hf_integration = pytest.importorskip("bark_kernels.integrations.transformers")
+try:
+    hf_integration.check_supported()
+except RuntimeError as exc:  # an installed transformers this integration does not support: nothing to test here
+    pytest.skip(str(exc), allow_module_level=True)
 from transformers.models.bark import modeling_bark  # noqa: E402
 from transformers.models.bark.generation_configuration_bark import (  # noqa: E402
     BarkGenerationConfig,
@@ -311,7 +315,7 @@ def test_fine_model_noncausal_forward_matches_eager(eager_model, impl, monkeypat
 def test_generate_matches_eager_and_decode_runs_on_our_kernels(eager_model, impl, monkeypatch):
     model = _twin(eager_model, impl)
     input_ids = torch.randint(1_000, 20_000, (1, 16), generator=torch.Generator().manual_seed(4))  # 16 text tokens
-    kwargs = dict(semantic_max_new_tokens=6)
+    kwargs = dict(semantic_max_new_tokens=4)
     with torch.no_grad():
         torch.manual_seed(0)
         ref_audio = eager_model.generate(input_ids, **kwargs)
