@@ -296,9 +296,12 @@ def load_checkpoint(path_or_repo_id, revision: str | None = None):
 def load_bark_model(path_or_repo_id, attn_implementation: str = "auto", dtype=None, device=None,
                     revision: str | None = None):
     """Build a ``BarkModel`` from a checkpoint directory or repo id, on ``device`` in ``dtype`` (default fp32)."""
-    from .model import BarkModel
+    from .config import attn_backend_name
+    from .model import BarkModel, check_backend
 
     target_dtype = _parse_dtype(dtype)
+    # Resolve the backend (and let bark_kernels import/self-test its backends) outside the meta-device block below.
+    check_backend(attn_backend_name(attn_implementation))
     target_device = torch.device(device) if device is not None else torch.device("cpu")
     config, tensors, origin = load_checkpoint(path_or_repo_id, revision)
     with torch.device("meta"):

@@ -49,7 +49,6 @@ def tiny_hf_bark(seed: int = 0, hidden_size: int = 16, num_layers: int = 1, num_
                  block_size: int = 1024, **generation_overrides):
     """A random transformers BarkModel (eval mode, fp32) with Bark's vocabularies and token ids, tiny widths."""
     import transformers
-    from transformers.models.bark.generation_configuration_bark import BarkGenerationConfig
 
     def sub(vocab, bias, **extra):
         return dict(block_size=block_size, input_vocab_size=vocab[0], output_vocab_size=vocab[1],
@@ -78,17 +77,20 @@ def tiny_hf_bark(seed: int = 0, hidden_size: int = 16, num_layers: int = 1, num_
                 p.normal_(0.0, 0.02)
         for layer in model.codec_model.quantizer.layers:
             layer.codebook.embed.normal_()
-    gen = tiny_generation_config_dict(**generation_overrides)
-    model.generation_config = BarkGenerationConfig(**gen)
+    # As transformers loads a Bark generation_config.json: a GenerationConfig whose semantic_config etc. are dicts
+    # (BarkModel.generate builds the sub-configs from them).
+    generation_config = transformers.GenerationConfig()
+    for key, value in tiny_generation_config_dict(**generation_overrides).items():
+        setattr(generation_config, key, value)
+    model.generation_config = generation_config
     return model
 
 
 def save_tiny_bark(path, seed: int = 0, **kwargs):
     """Build ``tiny_hf_bark(seed, **kwargs)`` and save it to ``path`` with save_pretrained; returns the HF model.
 
-    transformers 5.x cannot save a ``BarkGenerationConfig`` itself (its validate() fails), so the model is saved with
-    a plain generation config and generation_config.json is written here with the nested Bark layout that the real
-    checkpoints have.
+    generation_config.json is written here with the nested Bark layout that the real checkpoints have (transformers
+    5.x cannot save a BarkGenerationConfig itself).
     """
     import transformers
 

@@ -1,0 +1,210 @@
+"""bark.generation: end-to-end generate against transformers' BarkModel.generate on a tiny random checkpoint (greedy:
+the same audio; seeded sampling: the same audio too), on every attention backend that runs here; each row of a
+ragged batch equals that row generated alone; edge cases and argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bark
+import bark_kernels as bk
+from bark.generation import generate_tokens, split_generate_kwargs
+from bark_kernels import registry
+from bark_kernels.testing import MODEL_RTOL
+
+transformers = pytest.importorskip("transformers")
+import bark_tiny  # noqa: E402
+
+RTOL = MODEL_RTOL[torch.float32]
+SEMANTIC_TOKENS = 30  # -> 90 coarse tokens (2 coarse windows of 60) -> 45 frames (2 fine windows with a preset)
+SEMANTIC_TOKENS_INTERPRETED = 6  # Triton under the interpreter costs ~0.1 s per kernel launch: keep it short
+BACKENDS = [name for name in bk.available_backends()
+            if registry.why_not(name, "attention_with_kvcache", torch.device("cpu"), torch.float32, 16) is None]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny decode-step ops: intra-op threads only add contention on the shared 2-core CI machine (40x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tokens_for(backend: str) -> int:
+    interpreted = backend == "triton" and not torch.cuda.is_available()
+    return SEMANTIC_TOKENS_INTERPRETED if interpreted else SEMANTIC_TOKENS
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_bark_gen")
+    hf = bark_tiny.save_tiny_bark(path, seed=3, hidden_size=32, num_layers=2, num_heads=2)
+    return path, hf
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint):
+    path, _ = checkpoint
+    return {name: bark.BarkModel.from_pretrained(path, attn_implementation=name) for name in BACKENDS}
+
+
+CASES = {
+    "batch1": dict(batch=1, lengths=[12], preset=False),
+    "batch2-preset": dict(batch=2, lengths=[12, 30], preset=True),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """transformers' greedy audio for (case, semantic tokens), computed once each."""
+    _, hf = checkpoint
+    cache = {}
+
+    def get(name, tokens):
+        if (name, tokens) not in cache:
+            case = CASES[name]
+            ids, mask = bark_tiny.random_text_ids(case["batch"], case["lengths"], seed=1)
+            preset = bark_tiny.as_torch_preset(bark_tiny.random_voice_preset(0)) if case["preset"] else None
+            with torch.no_grad():
+                audio = hf.generate(input_ids=ids, attention_mask=mask, history_prompt=preset,
+                                    semantic_max_new_tokens=tokens, do_sample=False)
+            cache[(name, tokens)] = (ids, mask, preset, audio)
+        return cache[(name, tokens)]
+
+    return get
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_audio_matches_transformers(models, reference, backend, case):
+    tokens = _tokens_for(backend)
+    ids, mask, preset, ref = reference(case, tokens)
+    model = models[backend]
+    audio = model.generate(ids, attention_mask=mask, history_prompt=preset, semantic_max_new_tokens=tokens,
+                           do_sample=False)
+    assert audio.shape == ref.shape, f"{backend}/{case}: audio {tuple(audio.shape)} vs transformers {tuple(ref.shape)}"
+    assert ref.abs().max() > 0
+    assert rel_err(audio, ref) <= RTOL, f"{backend}/{case}: relative error {rel_err(audio, ref):.2e}"
+    if backend == "triton" and not torch.cuda.is_available():
+        return  # determinism and lengths are checked on the other backends; the interpreter is slow
+    audio2, lengths = model.generate(ids, attention_mask=mask, history_prompt=preset, return_output_lengths=True,
+                                     semantic_max_new_tokens=tokens)
+    assert torch.equal(audio2, audio), "greedy generation is not deterministic"
+    assert lengths == [ref.shape[1]] * ref.shape[0]
+
+
+def test_seeded_sampling_matches_transformers_and_repeats(checkpoint, models):
+    _, hf = checkpoint
+    model = models["eager"]
+    ids, mask = bark_tiny.random_text_ids(1, [20], seed=4)
+    kwargs = dict(semantic_max_new_tokens=25, do_sample=True, temperature=0.8, top_p=0.9, coarse_top_k=40)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    torch.manual_seed(5)
+    first = model.generate(ids, attention_mask=mask, **kwargs)
+    assert first.shape == ref.shape and rel_err(first, ref) <= RTOL
+    second = model.generate(ids, attention_mask=mask, generator=torch.Generator().manual_seed(7), **kwargs)
+    third = model.generate(ids, attention_mask=mask, generator=torch.Generator().manual_seed(7), **kwargs)
+    assert torch.equal(second, third)
+
+
+@pytest.fixture(scope="module")
+def ragged_model(checkpoint):
+    """Our model with a semantic EOS row that makes rows stop at different, input-dependent steps."""
+    path, _ = checkpoint
+    model = bark.BarkModel.from_pretrained(path, attn_implementation="eager")
+    weight = model.semantic.lm_head.weight
+    direction = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(0)) * weight.std()
+    with torch.no_grad():
+        weight[10_000] = 2.5 * direction
+    return model
+
+
+def _ragged_inputs():
+    ids, mask = bark_tiny.random_text_ids(3, [5, 20, 40], seed=2)
+    presets = [bark_tiny.as_torch_preset(bark_tiny.random_voice_preset(s, n_semantic=20 + 30 * s,
+                                                                       n_coarse_frames=40 + 25 * s))
+               for s in range(2)] + [None]
+    return ids, mask, presets
+
+
+RAGGED = [pytest.param(b, s, id=f"{b}-sync{s}",
+                        marks=[pytest.mark.slow] if b == "triton" and not torch.cuda.is_available() else [])
+          for b in BACKENDS for s in ((4, 16) if b == "eager" else (16,))]
+
+
+@pytest.mark.parametrize("backend,sync_every", RAGGED)
+def test_each_row_of_a_ragged_batch_equals_the_row_alone(ragged_model, backend, sync_every):
+    model = ragged_model
+    model.attn_implementation = backend
+    try:
+        ids, mask, presets = _ragged_inputs()
+        batch = generate_tokens(model, ids, mask, history_prompt=presets, semantic_max_new_tokens=40,
+                                sync_every=sync_every)
+        sem_lengths = [t.shape[0] for t in batch["semantic"]]
+        assert len(set(sem_lengths)) == 3, f"the rows should end at different steps, got {sem_lengths}"
+        audio, lengths = model.generate(ids, attention_mask=mask, history_prompt=presets, semantic_max_new_tokens=40,
+                                        return_output_lengths=True, sync_every=sync_every)
+        for b in range(3):
+            alone = generate_tokens(model, ids[b:b + 1], mask[b:b + 1], history_prompt=presets[b],
+                                    semantic_max_new_tokens=40)
+            for stage in ("semantic", "coarse", "fine"):
+                assert torch.equal(batch[stage][b], alone[stage][0]), f"row {b}: {stage} tokens differ from alone"
+            alone_audio = model.generate(ids[b:b + 1], attention_mask=mask[b:b + 1], history_prompt=presets[b],
+                                         semantic_max_new_tokens=40)
+            assert lengths[b] == alone_audio.shape[1] == batch["fine"][b].shape[1] * 320
+            assert rel_err(audio[b, :lengths[b]], alone_audio[0]) <= RTOL, f"row {b}: audio differs from alone"
+            assert not audio[b, lengths[b]:].any(), f"row {b}: non-zero tail after its end"
+    finally:
+        model.attn_implementation = "eager"
+
+
+def test_text_that_ends_at_once_gives_empty_audio(models):
+    model = models["eager"]
+    ids, mask = bark_tiny.random_text_ids(2, [3, 9], seed=5)
+    # min_eos_p tiny: the EOS prioritizer forces EOS at the first step (transformers' codec raises here)
+    audio, lengths = model.generate(ids, attention_mask=mask, min_eos_p=1e-9, return_output_lengths=True)
+    assert audio.shape == (2, 0) and lengths == [0, 0]
+    audio = model.generate(ids[:1], attention_mask=mask[:1], semantic_max_new_tokens=0)
+    assert audio.shape == (1, 0)
+
+
+def test_short_input_ids_are_padded_like_full_length(models):
+    model = models["eager"]
+    ids, mask = bark_tiny.random_text_ids(1, [10], seed=6)
+    full = model.generate(ids, attention_mask=mask, semantic_max_new_tokens=8)
+    short = model.generate(ids[:, :10], attention_mask=mask[:, :10], semantic_max_new_tokens=8)
+    assert torch.equal(full, short)
+
+
+def test_kwargs_routing_and_errors(models):
+    stages = split_generate_kwargs({"temperature": 0.5, "semantic_temperature": 0.9, "coarse_top_k": 3,
+                                    "max_new_tokens": 7, "do_sample": True})
+    assert stages["semantic"] == {"temperature": 0.9, "max_new_tokens": 7, "do_sample": True}
+    assert stages["coarse"] == {"temperature": 0.5, "top_k": 3, "do_sample": True}
+    assert stages["fine"] == {"temperature": 0.5}
+    model = models["eager"]
+    ids, mask = bark_tiny.random_text_ids(2, [3, 9], seed=5)
+    with pytest.raises(TypeError, match="num_beams"):
+        model.generate(ids, num_beams=2)
+    with pytest.raises(TypeError, match="coarse_min_eos_p"):
+        model.generate(ids, coarse_min_eos_p=0.2)
+    with pytest.raises(ValueError, match="semantic_temperature"):
+        model.generate(ids, do_sample=True, semantic_temperature=0.0)
+    with pytest.raises(ValueError, match="history_prompt"):
+        model.generate(ids, history_prompt=[None])
+    with pytest.raises(ValueError, match="coarse_prompt"):
+        bad = bark_tiny.random_voice_preset(0)
+        bad["coarse_prompt"] = bad["coarse_prompt"][:1]
+        model.generate(ids, history_prompt=bad)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.generate(ids, attention_mask=mask[:, :5])
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate(ids, semantic_max_new_tokens=2000)
