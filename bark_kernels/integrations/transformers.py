@@ -128,9 +128,9 @@ def check_supported() -> None:
 # what transformers calls
 
 
-def padding_mask(batch_size: int = None, q_length: int | None = None, kv_length: int | None = None, q_offset=0, kv_offset=0,
-                 mask_function=None,
-                 attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+def padding_mask(batch_size: int | None = None, q_length: int | None = None, kv_length: int | None = None,
+                 q_offset=0, kv_offset=0, mask_function=None, attention_mask: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor | None:
     """transformers' mask function for our names: the 2-D padding mask (batch, kv_length) as bool, or None.
 
     Bark builds its masks with ``create_bidirectional_mask`` (padding only; the causal part lives in the attention
@@ -138,7 +138,7 @@ def padding_mask(batch_size: int = None, q_length: int | None = None, kv_length:
     """
     if attention_mask is None or attention_mask.dim() != 2:
         return attention_mask  # None, or a ready-made 4-D mask the attention module will refuse with a clear error
-    if attention_mask.shape[1] > kv_length:
+    if kv_length is not None and attention_mask.shape[1] > kv_length:
         attention_mask = attention_mask[:, -kv_length:]  # the mask covers past + new tokens; keep the last kv_length
     if attention_mask.dtype != torch.bool:
         attention_mask = attention_mask != 0
