@@ -54,10 +54,11 @@ class CheckpointError(ValueError):
 class _Source:
     """Where checkpoint files come from: a local directory or a hub repo (cache first)."""
 
-    def __init__(self, name: str, find: Callable[[str], str | None], where: str) -> None:
+    def __init__(self, name: str, find: Callable[[str], str | None], where: str, hint: str = "") -> None:
         self.name = name
         self.find = find  # filename -> local path or None when the checkpoint has no such file
         self.where = where
+        self.hint = hint  # appended to "file is missing" errors
 
 
 def _local_source(path: str) -> _Source:
@@ -103,7 +104,12 @@ def _hub_source(repo_id: str, revision: str | None = None) -> _Source:
             ) from None
 
     where = f"Hugging Face repo {repo_id} (cache {constants.HF_HUB_CACHE}{', offline' if offline else ''})"
-    return _Source(repo_id, find, where)
+    hint = ""
+    if offline:
+        hint = (f"; it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so nothing can be "
+                f"downloaded: on a machine with internet run `hf download {repo_id}` and copy the cache here (or point "
+                f"HF_HOME at it), unset HF_HUB_OFFLINE to download, or pass the path of a local checkpoint directory")
+    return _Source(repo_id, find, where, hint)
 
 
 def resolve_checkpoint(path_or_repo_id, revision: str | None = None) -> _Source:
@@ -127,7 +133,7 @@ def _read_json(source: _Source, filename: str, required: bool) -> dict | None:
     path = source.find(filename)
     if path is None:
         if required:
-            raise FileNotFoundError(f"{filename} is missing from {source.where}")
+            raise FileNotFoundError(f"{filename} is missing from {source.where}{source.hint}")
         return None
     try:
         with open(path, encoding="utf-8") as f:
@@ -183,7 +189,7 @@ def read_state_dict(source: _Source) -> tuple[dict[str, torch.Tensor], dict[str,
         for shard in sorted(set(weight_map.values())):
             shard_path = source.find(shard)
             if shard_path is None:
-                raise FileNotFoundError(f"shard {shard} (listed in {path}) is missing from {source.where}")
+                raise FileNotFoundError(f"shard {shard} (listed in {path}) is missing from {source.where}{source.hint}")
             shard_tensors = _read_weight_file(shard_path)
             for key in (k for k, f in weight_map.items() if f == shard):
                 if key not in shard_tensors:
@@ -192,7 +198,7 @@ def read_state_dict(source: _Source) -> tuple[dict[str, torch.Tensor], dict[str,
                 tensors[key] = value
                 origin[key] = shard_path
         return tensors, origin
-    raise FileNotFoundError(f"no weights in {source.where}: expected one of {', '.join(WEIGHT_FILES)}")
+    raise FileNotFoundError(f"no weights in {source.where}: expected one of {', '.join(WEIGHT_FILES)}{source.hint}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -265,9 +271,9 @@ def load_state_dict_into(model, tensors: Mapping[str, torch.Tensor], origin: Map
     try:
         ignored += load_codec_state_dict(model.codec_model, codec_tensors, prefix=CODEC_PREFIX, strict=True)
     except (ValueError, TypeError) as error:
-        match = re.search(r"'(codec_model\.[^']+)'|(codec_model\.\S+?):", str(error))
-        key = next((g for g in (match.groups() if match else ()) if g), None)
-        where = file_of(key) if key else (file_of(next(iter(codec_tensors))) if codec_tensors else "the checkpoint")
+        match = re.search(r"(codec_model\.[\w.]+)", str(error))
+        key = match.group(1) if match else None
+        where = origin[key] if key in origin else ", ".join(sorted(set(origin.values()))) or "the checkpoint"
         raise CheckpointError(f"{where}: {error}") from None
     return ignored
 
