@@ -208,3 +208,28 @@ def test_kwargs_routing_and_errors(models):
         model.generate(ids, attention_mask=mask[:, :5])
     with pytest.raises(ValueError, match="block_size"):
         model.generate(ids, semantic_max_new_tokens=2000)
+
+
+@pytest.mark.gpu
+def test_gpu_backends_give_the_cpu_tokens(checkpoint):
+    """On CUDA (fp32, TF32 off), every backend that serves the decode op gives the tokens of the CPU eager run."""
+    path, _ = checkpoint
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ids, mask = bark_tiny.random_text_ids(2, [12, 30], seed=1)
+    presets = [bark_tiny.as_torch_preset(bark_tiny.random_voice_preset(0)), None]
+    cpu = bark.BarkModel.from_pretrained(path, attn_implementation="eager")
+    ref = generate_tokens(cpu, ids, mask, history_prompt=presets, semantic_max_new_tokens=SEMANTIC_TOKENS)
+    names = [n for n in bk.available_backends()
+             if registry.why_not(n, "attention_with_kvcache", torch.device("cuda"), torch.float32, 16) is None]
+    assert names, "no bark_kernels backend serves fp32 on CUDA"
+    for name in names:
+        gpu = bark.BarkModel.from_pretrained(path, attn_implementation=name, device="cuda")
+        out = generate_tokens(gpu, ids.cuda(), mask.cuda(), history_prompt=presets,
+                              semantic_max_new_tokens=SEMANTIC_TOKENS)
+        for stage in ("semantic", "coarse", "fine"):
+            for b in range(2):
+                assert torch.equal(out[stage][b].cpu(), ref[stage][b]), f"{name}: {stage} tokens of row {b}"
+        audio = gpu.generate(ids.cuda(), attention_mask=mask.cuda(), history_prompt=presets,
+                             semantic_max_new_tokens=SEMANTIC_TOKENS)
+        assert audio.is_cuda and audio.shape[0] == 2

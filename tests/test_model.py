@@ -18,7 +18,7 @@ import bark_tiny  # noqa: E402
 RTOL = MODEL_RTOL[torch.float32]
 
 
-def cpu_backends(head_dim: int = 8) -> list[str]:
+def cpu_backends(head_dim: int = 16) -> list[str]:
     """bark_kernels backends that can serve fp32 attention on CPU in this process (triton runs interpreted)."""
     return [name for name in bk.available_backends()
             if registry.why_not(name, "attention", torch.device("cpu"), torch.float32, head_dim) is None]
@@ -204,3 +204,30 @@ def test_config_rejects_inconsistent_token_ids():
         bark.BarkConfig(semantic_config=dict(input_vocab_size=10_048, output_vocab_size=10_048))
     with pytest.raises(ValueError, match="divisible"):
         bark.BarkSemanticConfig(hidden_size=30, num_heads=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_step_reads_nothing_back_from_the_device(tiny, backend, monkeypatch):
+    """A decode step must be capturable as a CUDA graph: no .item()/.tolist()/bool()/int() on tensors inside."""
+    _, ours = tiny
+    model = ours.coarse_acoustics
+    model.attn_backend = backend
+    try:
+        with torch.no_grad():
+            cache = model.new_cache(batch=2, max_seqlen=12)
+            model.prefill_varlen([model.embed(torch.arange(5)), model.embed(torch.arange(8))], cache)
+            ids = torch.tensor([3, 4])
+
+            def forbidden(*args, **kwargs):
+                raise AssertionError("host sync inside a decode step")
+
+            for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+                monkeypatch.setattr(torch.Tensor, name, forbidden)
+            hidden = model.decode_step(ids, cache)
+            hidden = model.decode_step(ids, cache)
+            monkeypatch.undo()
+        assert cache.host_seqlens == [7, 10] and cache.seqlens.tolist() == [7, 10]
+        assert hidden.shape == (2, model.config.hidden_size)
+    finally:
+        monkeypatch.undo()
+        model.attn_backend = "eager"
