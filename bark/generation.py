@@ -244,7 +244,6 @@ def generate_semantic(model, input_embeds: torch.Tensor, gen: BarkGenerationConf
     cache = semantic.new_cache(batch, prompt_len + max_new_tokens - 1)
     tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)  # (B, max_new)
     rows = torch.arange(batch, device=device)  # batch rows still in the cache
-    host_rows = list(range(batch))
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # of the rows in the cache
     hidden = semantic.prefill(input_embeds, cache)  # (B, C)
     for step in range(max_new_tokens):
@@ -271,7 +270,6 @@ def generate_semantic(model, input_embeds: torch.Tensor, gen: BarkGenerationConf
             if any(done):
                 keep = [i for i, d in enumerate(done) if not d]
                 cache.select_rows(keep)
-                host_rows = [host_rows[i] for i in keep]
                 keep_t = torch.tensor(keep, dtype=torch.long, device=device)
                 rows, finished, nxt = rows[keep_t], finished[keep_t], nxt[keep_t]
         hidden = semantic.decode_step(nxt, cache)

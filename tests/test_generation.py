@@ -233,3 +233,18 @@ def test_gpu_backends_give_the_cpu_tokens(checkpoint):
         audio = gpu.generate(ids.cuda(), attention_mask=mask.cuda(), history_prompt=presets,
                              semantic_max_new_tokens=SEMANTIC_TOKENS)
         assert audio.is_cuda and audio.shape[0] == 2
+
+
+def test_real_window_sizes_match_transformers(tmp_path):
+    """Bark's real windows (fine 1024 frames, stride 512; coarse history 630): more than 1024 frames with a preset, so
+    both the coarse history trimming and two fine windows run (eager-speed backend only: a few seconds)."""
+    hf = bark_tiny.save_tiny_bark(tmp_path, seed=4, max_fine_input_length=1024, max_fine_history_length=512)
+    ours = bark.BarkModel.from_pretrained(tmp_path, attn_implementation="sdpa")
+    ids, mask = bark_tiny.random_text_ids(1, [25], seed=8)
+    preset = bark_tiny.as_torch_preset(bark_tiny.random_voice_preset(3, n_semantic=300, n_coarse_frames=700))
+    kwargs = dict(history_prompt=preset, semantic_max_new_tokens=360, do_sample=False)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    audio = ours.generate(ids, attention_mask=mask, **kwargs)
+    assert ref.shape[1] > 1024 * 320 // 2
+    assert audio.shape == ref.shape and rel_err(audio, ref) <= RTOL
