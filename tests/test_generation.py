@@ -115,16 +115,19 @@ def test_seeded_sampling_matches_transformers_and_repeats(checkpoint, models):
     assert torch.equal(second, third)
 
 
-@pytest.fixture(scope="module")
-def ragged_model(checkpoint):
+def _eos_steered_model(path, scale: float):
     """Our model with a semantic EOS row that makes rows stop at different, input-dependent steps."""
-    path, _ = checkpoint
     model = bark.BarkModel.from_pretrained(path, attn_implementation="eager")
     weight = model.semantic.lm_head.weight
     direction = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(0)) * weight.std()
     with torch.no_grad():
-        weight[10_000] = 2.5 * direction
+        weight[10_000] = scale * direction
     return model
+
+
+@pytest.fixture(scope="module")
+def ragged_model(checkpoint):
+    return _eos_steered_model(checkpoint[0], 2.5)  # rows end after 40, 7 and 16 semantic tokens
 
 
 def _ragged_inputs():
@@ -164,6 +167,21 @@ def test_each_row_of_a_ragged_batch_equals_the_row_alone(ragged_model, backend, 
             assert not audio[b, lengths[b]:].any(), f"row {b}: non-zero tail after its end"
     finally:
         model.attn_implementation = "eager"
+
+
+def test_row_that_ends_at_once_in_a_batch(checkpoint):
+    model = _eos_steered_model(checkpoint[0], 3.2)  # rows end after 29, 7 and 0 semantic tokens
+    ids, mask, presets = _ragged_inputs()
+    audio, lengths = model.generate(ids, attention_mask=mask, history_prompt=presets, semantic_max_new_tokens=40,
+                                    return_output_lengths=True)
+    assert lengths[2] == 0 and lengths[0] > lengths[1] > 0, lengths
+    assert audio.shape == (3, lengths[0]) and not audio[2].any()
+    for b in range(2):
+        alone = model.generate(ids[b:b + 1], attention_mask=mask[b:b + 1], history_prompt=presets[b],
+                               semantic_max_new_tokens=40)
+        assert alone.shape[1] == lengths[b] and rel_err(audio[b, :lengths[b]], alone[0]) <= RTOL
+    alone = model.generate(ids[2:], attention_mask=mask[2:], history_prompt=presets[2], semantic_max_new_tokens=40)
+    assert alone.shape == (1, 0)
 
 
 def test_text_that_ends_at_once_gives_empty_audio(models):
