@@ -397,6 +397,31 @@ def _one_run(impl: str, model, batch: int, plan: E2EPlan, device: torch.device, 
     return f, (_semantic_rows(semantic), audio.detach().float().cpu()), time.perf_counter() - t_begin
 
 
+def _size(config) -> float:
+    """A proxy for a model's cost per token: layers x hidden^2, summed over the three transformers."""
+    return sum(c.num_layers * c.hidden_size ** 2 for c in (config.semantic_config, config.coarse_acoustics_config,
+                                                            config.fine_acoustics_config))
+
+
+def _estimate(last_wall: dict, impl: str, model_name: str, batch: int, device: torch.device, built: dict) -> float:
+    """Seconds the next run (warm-up included) is expected to take, from the last run of the same implementation:
+    scaled by batch (linearly on a CPU, mildly on a GPU) and, for a model not run yet, by the size ratio."""
+    prev = last_wall.get((impl, model_name))
+    scale = 1.0
+    if prev is None:
+        others = [(m, v) for (i, m), v in last_wall.items() if i == impl and m in built]
+        if not others:
+            return 0.0
+        other, prev = others[-1]
+        scale = _size(built[model_name][0]) / _size(built[other][0])
+    prev_batch, prev_wall = prev
+    if device.type == "cpu":
+        scale *= max(1.0, batch / prev_batch)
+    else:
+        scale *= max(1.0, (1 + batch / 16) / (1 + prev_batch / 16))
+    return prev_wall * scale
+
+
 def _attn_label(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     """Which attention each row ran: transformers' eager, ours' automatic choice (named), or the integration's."""
     if impl == "transformers":
@@ -506,11 +531,7 @@ def run_e2e(device: torch.device, quick: bool, budget, progress=None) -> dict:
             if model is None or isinstance(model, str):
                 rec.update(status="skipped" if model is None else "failed", reason=model or ours_reason)
                 continue
-            estimate = 0.0
-            if (impl, model_name) in last_wall:
-                prev_batch, prev_wall = last_wall[(impl, model_name)]
-                estimate = prev_wall * max(1.0, batch / prev_batch if device.type == "cpu" else
-                                           (1 + batch / 16) / (1 + prev_batch / 16))
+            estimate = _estimate(last_wall, impl, model_name, batch, device, built)
             if budget.left() < max(5.0, 1.2 * estimate):
                 rec.update(status="skipped", reason=f"time budget: {budget.left():.0f} s left, a run of this "
                                                     f"configuration is estimated at {estimate:.0f} s")

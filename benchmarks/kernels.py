@@ -99,7 +99,7 @@ def gpu_plan(quick: bool = False) -> Plan:
 def cpu_plan(quick: bool = False) -> Plan:
     excluded = {"bk:triton": "TRITON_INTERPRET runs Triton kernels as numpy on the CPU: its timings are meaningless, "
                              "so triton is excluded from CPU timings",
-                "bk:cuda": "CUDA extension: no CUDA device in CPU mode"}
+                "bk:cuda": "CPU mode: the CUDA extension runs on CUDA tensors only"}
     if quick:
         return Plan("cpu quick: tiny shapes (smoke test, not Bark's shapes)", (torch.float32,), ("bark-small",),
                     (64,), (64,), (1,), (64,), (2,), (torch.float32,), ((17, 64, 33),), ((2, 64),), excluded)
