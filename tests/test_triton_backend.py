@@ -8,6 +8,7 @@ The cross-backend parity suite (tests/test_attention.py, test_kvcache.py, ...) c
 
 from __future__ import annotations
 
+import os
 import pytest
 import torch
 from helpers import make_qkv
@@ -382,3 +383,19 @@ def test_kernels_compile_for_sm90_quick():
 def test_kernels_compile_for_sm90_all_variants():
     """Every dtype x head_dim x mode variant the launchers can pick (about 4 minutes on 2 CPU cores)."""
     _aot_check(quick=False)
+
+
+def test_bf16_interpreter_self_test_survives_a_meta_device_context():
+    """The first import may happen while a model is built under `with torch.device("meta")`: the bf16 self-test
+    must still run on CPU tensors and pass."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "with torch.device('meta'):\n"
+            "    import bark_kernels.backends.triton as t\n"
+            "print('bf16-error:', t._BF16_INTERPRETER_ERROR)\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "bf16-error: None" in result.stdout

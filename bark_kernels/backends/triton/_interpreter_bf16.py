@@ -159,7 +159,10 @@ def apply() -> str | None:
     if "result" not in _state:
         try:
             _patch()
-            _state["result"] = _self_test()
+            import torch
+
+            with torch.device("cpu"):  # the first import may happen inside a `with torch.device("meta")` block
+                _state["result"] = _self_test()
         except Exception as exc:  # ml_dtypes missing, or an interpreter layout this patch does not know
             _state["result"] = f"{type(exc).__name__}: {exc}"
         if _state["result"] is not None:
