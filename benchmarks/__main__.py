@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test shapes (the figures are not Bark's)")
     parser.add_argument("--skip-e2e", action="store_true", help="kernels only")
     parser.add_argument("--budget", type=float, default=None, help="total wall-clock budget in seconds")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads for the whole run (default: torch's default)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
@@ -39,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda") if mode == "gpu" else torch.device("cpu")
         env = report.environment(device)
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-        suffix = "-quick" if args.quick else ""
+        suffix = ("-quick" if args.quick else "") + (f"-{args.threads}t" if args.threads else "")
         args.out = str(Path(__file__).resolve().parent / "results" / f"{date}-{report.short_device(env)}{suffix}")
-    payload = run(args.out, mode=args.mode, quick=args.quick, skip_e2e=args.skip_e2e, budget_seconds=args.budget)
+    payload = run(args.out, mode=args.mode, quick=args.quick, skip_e2e=args.skip_e2e, budget_seconds=args.budget,
+                  threads=args.threads)
     ok = sum(1 for r in payload["kernels"] if r["status"] == "ok")
     print(f"benchmarks: {ok} kernel measurements, e2e {payload['e2e']['status']}, "
           f"{payload['wall_seconds']:.0f} s; wrote {args.out}/results.json, results.md, {', '.join(payload['plots'])}")

@@ -46,10 +46,18 @@ def _progress(items, desc):
 
 
 def run(out_dir: str | Path, mode: str = "auto", quick: bool = False, skip_e2e: bool = False,
-        budget_seconds: float | None = None) -> dict:
-    """Run the suite and write ``out_dir``/results.json, results.md and the PNG plots; returns the payload."""
+        budget_seconds: float | None = None, threads: int | None = None) -> dict:
+    """Run the suite and write ``out_dir``/results.json, results.md and the PNG plots; returns the payload.
+
+    ``threads``: torch intra-op threads for the whole run (every provider and both e2e implementations alike);
+    default: torch's own default.
+    """
     t_start = time.monotonic()
     mode = resolve_mode(mode)
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads: expected an int >= 1, got {threads!r}")
+        torch.set_num_threads(threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda", torch.cuda.current_device()) if mode == "gpu" else torch.device("cpu")
@@ -110,6 +118,13 @@ def run(out_dir: str | Path, mode: str = "auto", quick: bool = False, skip_e2e: 
         env["loadavg_end"] = list(os.getloadavg())
     except OSError:
         env["loadavg_end"] = None
+    loads = [x[0] for x in (env.get("loadavg_start"), env["loadavg_end"]) if x]
+    cores = os.cpu_count() or 1
+    if mode == "cpu" and loads and max(loads) > 0.5 * cores:
+        notes.append(f"WARNING: 1-minute load average up to {max(loads):.1f} on {cores} cores during this run: other "
+                     "processes competed for the CPU, so timings are inflated and noisy (a multi-threaded op stalls "
+                     "whenever one of its threads is descheduled; look for medians near multiples of the scheduler "
+                     "tick). Compare runs only at similar load.")
     payload["wall_seconds"] = time.monotonic() - t_start
     payload["plots"] = report.write_plots(out, payload)
     report.write_json(out / "results.json", payload)
