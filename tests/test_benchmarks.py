@@ -148,3 +148,18 @@ def test_cpu_timer_excludes_warmup_and_times_each_call():
     assert len(calls) == 3 + 4 and len(t.samples_ms) == 4 and t.warmup_calls == 3
     t = timing.Timing([4.0, 1.0, 3.0, 2.0, 5.0], 0, "x")
     assert t.median_ms == 3.0 and t.quantile_ms(0.2) == pytest.approx(1.8) and t.quantile_ms(0.8) == pytest.approx(4.2)
+
+
+def test_command_line_kernels_only_with_threads(tmp_path, capsys):
+    from benchmarks.__main__ import main
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["--out", str(tmp_path), "--mode", "cpu", "--quick", "--skip-e2e", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["environment"]["torch_threads"] == 1
+    assert data["e2e"]["status"] == "skipped" and "--skip-e2e" in data["e2e"]["reason"]
+    assert (tmp_path / "results.md").exists()
+    assert "kernel measurements" in capsys.readouterr().out
