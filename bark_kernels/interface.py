@@ -167,7 +167,7 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, total_name: str, 
     values = cu.tolist()
     if values[0] != 0:
         raise ValueError(f"{name}: expected first entry 0, got {values[0]}")
-    steps = [b - a for a, b in zip(values[:-1], values[1:])]
+    steps = [b - a for a, b in zip(values[:-1], values[1:], strict=True)]
     if any(s < 0 for s in steps):
         raise ValueError(f"{name}: expected a non-decreasing sequence, got {values}")
     if values[-1] != total:

@@ -9,6 +9,7 @@ The cross-backend parity suite (tests/test_attention.py, test_kvcache.py, ...) c
 from __future__ import annotations
 
 import os
+
 import pytest
 import torch
 from helpers import make_qkv
