@@ -74,7 +74,9 @@ def environment(device: torch.device) -> dict:
         env["cudnn"] = str(torch.backends.cudnn.version())
         env["matmul_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
     else:
-        env["device_name"] = f"CPU: {env['cpu_model']} ({env['torch_threads']} torch threads)"
+        threads = env["torch_threads"]
+        env["device_name"] = (f"CPU: {env['cpu_model']} ({env['cpu_count']} cores, {threads} torch "
+                              f"thread{'s' if threads != 1 else ''})")
         env["driver"] = "n/a (CPU)"
     env["python"] = sys.version.split()[0]
     env["platform"] = platform.platform()
@@ -187,6 +189,55 @@ SECTION_TITLES = OrderedDict([
 ])
 
 
+def targets(payload: dict) -> list[dict]:
+    """The goals of issue 5, each with the figure of this run that measures it (or why it is not measured)."""
+    kernels = [r for r in payload.get("kernels", []) if r.get("status") == "ok"]
+    runs = [r for r in payload.get("e2e", {}).get("runs", []) if r.get("status") == "ok"]
+    gpu = payload["environment"]["device_type"] == "cuda"
+    out = []
+
+    def add(goal, value, unit, threshold, how):
+        row = {"goal": goal, "threshold": threshold, "how": how}
+        if value is None:
+            row.update(status="not measured in this run")
+        else:
+            row.update(value=value, unit=unit, status="met" if value >= threshold else "not met")
+        out.append(row)
+
+    if gpu:
+        ratios = [r["figures"]["speedup_vs_reference"]["value"] for r in kernels
+                  if r["section"] == "prefill" and r["provider"] == "bk:triton" and r["params"]["dtype"] == "float16"
+                  and "speedup_vs_reference" in r["figures"]]
+        add("triton causal prefill fp16 at or above SDPA-flash (worst Bark shape)", min(ratios) if ratios else None,
+            "x SDPA-flash TFLOP/s", 1.0, f"min over {len(ratios)} prefill cases of bk:triton / torch-sdpa:flash")
+        for model in ("bark-small", "bark"):
+            frac = [r["figures"]["fraction_of_copy_bandwidth"]["value"] for r in kernels
+                    if r["section"] == "decode" and r["provider"] == "bk:triton" and r["params"]["batch"] == 64
+                    and r["params"]["cache_len"] == 1024 and r["params"]["model"] == model
+                    and "fraction_of_copy_bandwidth" in r["figures"]]
+            add(f"triton decode {model} B=64 L=1024 at >= 70% of copy bandwidth", frac[0] if frac else None,
+                "fraction of copy GB/s", 0.7, "bk:triton achieved GB/s / copy GB/s of this run")
+
+    def e2e_fig(dtype, key, model="bark-small", batch=1):
+        for r in runs:
+            p = r["params"]
+            if (r["provider"], p["model"], p["dtype"], p["batch"]) == ("ours", model, dtype, batch) and key in r["figures"]:
+                return r["figures"][key]["value"]
+        return None
+
+    if gpu:
+        best = max((v for v in (e2e_fig(d, "speedup_vs_transformers_fp32") for d in ("float16", "bfloat16", "float32"))
+                    if v is not None), default=None)
+        add("end to end bark-small B=1 >= 10x transformers fp32 eager", best, "x", 10.0,
+            "best of ours fp16/bf16/fp32 total s vs transformers fp32 total s, same batch")
+        add("end to end bark-small B=1 >= 3x transformers in fp16", e2e_fig("float16", "speedup_vs_transformers"), "x",
+            3.0, "ours fp16 vs transformers fp16 total s")
+    else:
+        add("end to end on CPU >= 1.5x transformers, same threads", e2e_fig("float32", "speedup_vs_transformers"),
+            "x", 1.5, "ours fp32 vs transformers fp32 total s, bark-small B=1, same torch threads")
+    return out
+
+
 def write_markdown(path: Path, payload: dict) -> None:
     env, cfg = payload["environment"], payload["config"]
     out = [f"# bark-kernels benchmarks: {env['device_name']}", ""]
@@ -207,6 +258,12 @@ def write_markdown(path: Path, payload: dict) -> None:
                f"**WRONG** marks an output outside the tolerance rule against float64.")
     for note in cfg.get("notes", []):
         out.append(f"- {note}")
+    goals = payload.get("targets", [])
+    if goals:
+        out += ["", "## Targets (issue 5)", "", "| goal | measured | target | status |", "|---|---|---|---|"]
+        for g in goals:
+            measured = f"{_fmt(g['value'])} {g['unit']}" if "value" in g else "—"
+            out.append(f"| {g['goal']} | {measured} | {g['threshold']} | {g['status']} |")
     kernels = payload.get("kernels", [])
     reference = cfg.get("reference_provider", "")
     providers = list(OrderedDict.fromkeys(r["provider"] for r in kernels if r["provider"] != "*"))

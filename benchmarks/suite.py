@@ -125,6 +125,7 @@ def run(out_dir: str | Path, mode: str = "auto", quick: bool = False, skip_e2e: 
                      "processes competed for the CPU, so timings are inflated and noisy (a multi-threaded op stalls "
                      "whenever one of its threads is descheduled; look for medians near multiples of the scheduler "
                      "tick). Compare runs only at similar load.")
+    payload["targets"] = report.targets(payload)
     payload["wall_seconds"] = time.monotonic() - t_start
     payload["plots"] = report.write_plots(out, payload)
     report.write_json(out / "results.json", payload)

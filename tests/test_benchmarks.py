@@ -92,6 +92,11 @@ def test_every_record_has_provider_status_and_units(quick_run):
     for section in SECTIONS:
         ok = [r for r in records if r["section"] == section and r["status"] == "ok"]
         assert ok, f"no measured provider in section {section}"
+    for goal in payload["targets"]:
+        assert goal["goal"] and goal["status"] in ("met", "not met", "not measured in this run"), goal
+        assert ("value" in goal) == (goal["status"] != "not measured in this run"), goal
+        if "value" in goal:
+            assert goal["unit"] and isinstance(goal["value"], float), goal
     e2e = payload["e2e"]
     assert e2e["status"] in ("ok", "skipped", "failed")
     if e2e["status"] != "ok":
