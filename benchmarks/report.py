@@ -340,6 +340,73 @@ def write_markdown(path: Path, payload: dict) -> None:
     path.write_text("\n".join(out) + "\n")
 
 
+def readme_section(payload: dict, results_dir: str) -> str:
+    """A short markdown section for the project README: device, command, the headline figures of this run."""
+    env, cfg = payload["environment"], payload["config"]
+    mode = cfg["mode"]
+    threads = f" --threads {env['torch_threads']}" if mode == "cpu" else ""
+    lines = [f"### Benchmarks: {env['device_name']}", "",
+             f"Measured {env['date_utc'][:10]} at git {env['git_commit'][:7]} (torch {env['torch']}, transformers "
+             f"{env['transformers']}; load average {env.get('loadavg_start', ['?'])[0]:.1f} at start, "
+             f"{(env.get('loadavg_end') or ['?'])[0]:.1f} at end) with:", "",
+             "```bash", f"python -m benchmarks --out auto --mode {mode}{threads}", "```", "",
+             f"Full tables, JSON and plots: [{results_dir}]({results_dir}/results.md). "
+             f"Kernel shapes: {cfg['kernel_plan']}.", ""]
+    runs = [r for r in payload.get("e2e", {}).get("runs", []) if r.get("status") == "ok"]
+    if runs:
+        lines += ["End to end (same random weights, EOS suppressed identically; "
+                  f"{payload['e2e'].get('plan', '')}):", "",
+                  "| model | dtype | batch | implementation | semantic tok/s | coarse tok/s | fine s | codec s | "
+                  "total s | s per 10 s audio | speedup |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in runs:
+            f, p = r["figures"], r["params"]
+
+            def g(k, f=f):
+                return _fmt(f[k]["value"]) if k in f else "—"
+
+            attn = p.get("attn_implementation", "")
+            impl = f"{r['provider']} ({attn.split(' (')[0]})" if r["provider"] == "ours" else r["provider"]
+            lines.append(f"| {p['model']} | {p['dtype']} | {p['batch']} | {impl} | {g('semantic_tokens_per_s')} | "
+                         f"{g('coarse_tokens_per_s')} | {g('fine_s')} | {g('codec_s')} | {g('total_s')} | "
+                         f"{g('seconds_per_10s_audio')} | {g('speedup_vs_transformers')} |")
+        lines.append("")
+    kernels = [r for r in payload.get("kernels", []) if r.get("status") == "ok"]
+    pick = []
+    for section, key in (("prefill", "throughput"), ("prefill_noncausal", "throughput"), ("decode", "bandwidth")):
+        recs = [r for r in kernels if r["section"] == section]
+        if not recs:
+            continue
+        if section == "decode":
+            top = max(recs, key=lambda r: (r["params"]["batch"], r["params"]["cache_len"]))
+            case = top["case"]
+        else:
+            top = max(recs, key=lambda r: (r["params"]["seqlen_q"], r["params"]["batch"]))
+            case = top["case"]
+        pick.append((section, key, case, [r for r in recs if r["case"] == case]))
+    if pick:
+        ref = cfg.get("reference_provider", "")
+        lines += [f"Attention kernels (ratio to `{ref}`; prefill TFLOP/s count only the unmasked causal half):", "",
+                  "| case | provider | median ms | throughput | vs reference |", "|---|---|---|---|---|"]
+        for _section, key, case, recs in pick:
+            for r in sorted(recs, key=lambda r: r["figures"]["median"]["value"]):
+                f = r["figures"]
+                thr = f"{_fmt(f[key]['value'])} {f[key]['unit']}"
+                if "fraction_of_copy_bandwidth" in f:
+                    thr += f" ({100 * f['fraction_of_copy_bandwidth']['value']:.0f}% of copy)"
+                ratio = _fmt(f["speedup_vs_reference"]["value"]) + "x" if "speedup_vs_reference" in f else "—"
+                lines.append(f"| {case} | {r['provider']}{_wrong(r)} | {_fmt(f['median']['value'])} | {thr} | "
+                             f"{ratio} |")
+        lines.append("")
+    goals = payload.get("targets", [])
+    if goals:
+        lines += ["Targets: " + "; ".join(
+            f"{g['goal']}: {(_fmt(g['value']) + ' ' + g['unit']) if 'value' in g else 'not measured'} "
+            f"({g['status']})" for g in goals) + "."]
+    if mode == "cpu":
+        lines += ["", "Triton is not timed on CPU (under TRITON_INTERPRET its timings are meaningless)."]
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # plots
 

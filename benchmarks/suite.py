@@ -130,6 +130,11 @@ def run(out_dir: str | Path, mode: str = "auto", quick: bool = False, skip_e2e: 
     payload["plots"] = report.write_plots(out, payload)
     report.write_json(out / "results.json", payload)
     report.write_markdown(out / "results.md", payload)
+    try:
+        rel = out.resolve().relative_to(Path(__file__).resolve().parent.parent).as_posix()
+    except ValueError:
+        rel = str(out)
+    (out / "README-section.md").write_text(report.readme_section(payload, rel))
     return payload
 
 

@@ -78,6 +78,8 @@ def test_quick_cpu_run_writes_json_md_png(quick_run):
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 1000, name
         assert f"]({name})" in md
     assert {"prefill_tflops.png", "decode_bandwidth.png"} <= set(data["plots"])
+    section = (out / "README-section.md").read_text()
+    assert env["device_name"] in section and "python -m benchmarks" in section
 
 
 def test_every_record_has_provider_status_and_units(quick_run):
