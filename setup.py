@@ -33,10 +33,12 @@ def cuda_extension_kwargs(env=None) -> dict:
     if reason is not None:
         print(f"bark_kernels: installing without the CUDA extension bark_kernels._C ({reason})", file=sys.stderr)
         return {}
+    cuda_home = helpers.use_cuda_home(env)  # before torch.utils.cpp_extension fixes its own guess
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     archs = helpers.parse_cuda_archs(env.get(helpers.ENV_ARCHS))
-    print(f"bark_kernels: building bark_kernels._C for sm_{', sm_'.join(archs)}", file=sys.stderr)
+    print(f"bark_kernels: building bark_kernels._C for sm_{', sm_'.join(archs)} with the CUDA toolkit in {cuda_home}",
+          file=sys.stderr)
     sources = [os.path.relpath(p, ROOT) for p in helpers.extension_sources(ROOT / "csrc")]
     extension = CUDAExtension(
         name="bark_kernels._C",

@@ -17,6 +17,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -95,13 +97,73 @@ def cuda_build_skip_reason(env: Mapping[str, str] | None = None) -> str | None:
         return f"torch is not importable at build time ({exc}); build with --no-build-isolation to get the extension"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} has no CUDA support"
-    from torch.utils.cpp_extension import CUDA_HOME
+    _, reason = find_cuda_home(env)
+    return reason
 
-    if CUDA_HOME is None:
-        return "no CUDA toolkit found (set CUDA_HOME to the directory holding bin/nvcc)"
-    if not (Path(CUDA_HOME) / "bin" / "nvcc").exists() and shutil.which("nvcc") is None:
-        return f"nvcc not found under CUDA_HOME={CUDA_HOME}"
-    return None
+
+def _is_toolkit(path: Path) -> bool:
+    """A CUDA toolkit root: bin/nvcc and the runtime headers (torch's c10/cuda headers include cuda_runtime.h)."""
+    return (path / "bin" / "nvcc").exists() and (path / "include" / "cuda_runtime.h").exists()
+
+
+def _nvcc_reported_root(nvcc: str) -> Path | None:
+    """The toolkit root nvcc itself reports (``#$ TOP=...`` in ``--dryrun`` output); sees through wrapper scripts."""
+    try:
+        res = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"^#\$ TOP=(.+?)\s*$", res.stdout + res.stderr, flags=re.M)
+    return Path(m.group(1)).resolve() if m else None
+
+
+def find_cuda_home(env: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """(toolkit root, None) or (None, reason). CUDA_HOME / CUDA_PATH when set (they must hold bin/nvcc and
+    include/cuda_runtime.h); else the toolkit of the nvcc on PATH, then /usr/local/cuda.
+
+    torch.utils.cpp_extension guesses CUDA_HOME as the parent of nvcc's folder, which is wrong when nvcc is a wrapper
+    script or link elsewhere (e.g. /usr/local/bin/nvcc -> CUDA_HOME=/usr/local, no cuda_runtime.h: the binding then
+    fails to compile); ``use_cuda_home`` hands torch the root found here instead.
+    """
+    env = os.environ if env is None else env
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        value = env.get(name, "").strip()
+        if value:
+            if _is_toolkit(Path(value)):
+                return str(Path(value)), None
+            return None, f"{name}={value} is not a CUDA toolkit (expected bin/nvcc and include/cuda_runtime.h there)"
+    candidates: list[Path] = []
+    nvcc = shutil.which("nvcc", path=env.get("PATH", os.defpath))
+    if nvcc is not None:
+        candidates.append(Path(nvcc).resolve().parent.parent)
+        reported = _nvcc_reported_root(nvcc)
+        if reported is not None:
+            candidates.append(reported)
+    candidates.append(Path("/usr/local/cuda"))
+    for path in candidates:
+        if _is_toolkit(path):
+            return str(path), None
+    if nvcc is None:
+        return None, "nvcc not found (put it on PATH or set CUDA_HOME to the toolkit root holding bin/nvcc)"
+    return None, (f"found nvcc at {nvcc} but no CUDA toolkit with include/cuda_runtime.h (looked in "
+                  f"{', '.join(str(p) for p in candidates)}); set CUDA_HOME to the toolkit root")
+
+
+def use_cuda_home(env: Mapping[str, str] | None = None) -> str:
+    """Point torch.utils.cpp_extension at the toolkit of ``find_cuda_home`` (before the build starts); returns it.
+
+    Sets CUDA_HOME in os.environ (read when torch.utils.cpp_extension is first imported, and by nvcc subprocesses);
+    if that module is already imported with a different guess, its module-level CUDA_HOME is replaced too.
+    """
+    cuda_home, reason = find_cuda_home(env)
+    if cuda_home is None:
+        raise RuntimeError(f"cannot build the CUDA extension: {reason}")
+    os.environ["CUDA_HOME"] = cuda_home
+    cpp_extension = sys.modules.get("torch.utils.cpp_extension")
+    if cpp_extension is not None and cpp_extension.CUDA_HOME != cuda_home:
+        logger.info("bark_kernels: CUDA_HOME %s -> %s for the extension build", cpp_extension.CUDA_HOME, cuda_home)
+        cpp_extension.CUDA_HOME = cuda_home
+    return cuda_home
 
 
 def build_cuda_extension(verbose: bool = False, archs: str | None = None) -> None:
@@ -114,6 +176,7 @@ def build_cuda_extension(verbose: bool = False, archs: str | None = None) -> Non
     csrc = repo_root() / "csrc"
     if not (csrc / "bindings.cpp").exists():
         raise FileNotFoundError(f"csrc/ not found at {csrc}: the JIT build needs the source tree (pip install -e .)")
+    use_cuda_home()
     from torch.utils.cpp_extension import load
 
     arch_list = parse_cuda_archs(archs if archs is not None else os.environ.get(ENV_ARCHS))

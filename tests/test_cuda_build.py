@@ -69,6 +69,48 @@ def test_skip_switch():
     assert reason is None or _jit.ENV_SKIP not in reason
 
 
+def _fake_toolkit(root: Path, nvcc_script: str = "#!/bin/sh\nexit 0\n") -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "include" / "cuda_runtime.h").write_text("")
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(nvcc_script)
+    nvcc.chmod(0o755)
+    return root
+
+
+def test_find_cuda_home_takes_a_valid_cuda_home_and_names_a_bad_one(tmp_path):
+    toolkit = _fake_toolkit(tmp_path / "cuda-x")
+    assert _jit.find_cuda_home({"CUDA_HOME": str(toolkit)}) == (str(toolkit), None)
+    assert _jit.find_cuda_home({"CUDA_PATH": str(toolkit), "PATH": ""}) == (str(toolkit), None)
+    home, reason = _jit.find_cuda_home({"CUDA_HOME": str(tmp_path)})
+    assert home is None and f"CUDA_HOME={tmp_path} is not a CUDA toolkit" in reason and "cuda_runtime.h" in reason
+
+
+def test_find_cuda_home_sees_through_an_nvcc_wrapper_script(tmp_path):
+    """/usr/local/bin/nvcc as `exec /usr/local/cuda-13.0/bin/nvcc "$@"` made torch guess CUDA_HOME=/usr/local (no
+    cuda_runtime.h there) and the binding failed to compile; the root nvcc reports (--dryrun's TOP) is right."""
+    toolkit = _fake_toolkit(tmp_path / "cuda-13.0")
+    wrapper_dir = tmp_path / "local" / "bin"
+    wrapper_dir.mkdir(parents=True)
+    wrapper = wrapper_dir / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\necho "#$ TOP={toolkit}/bin/.." >&2\n')
+    wrapper.chmod(0o755)
+    assert _jit.find_cuda_home({"PATH": str(wrapper_dir)}) == (str(toolkit.resolve()), None)
+
+
+def test_use_cuda_home_overrides_torchs_guess(tmp_path, monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    toolkit = _fake_toolkit(tmp_path / "cuda")
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))  # restored after the test, like the module attribute below
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local")
+    assert _jit.use_cuda_home() == str(toolkit)
+    assert cpp_extension.CUDA_HOME == str(toolkit) and os.environ["CUDA_HOME"] == str(toolkit)
+    with pytest.raises(RuntimeError, match="is not a CUDA toolkit"):
+        _jit.use_cuda_home({"CUDA_HOME": str(tmp_path)})
+
+
 @pytest.mark.skipif(torch.version.cuda is not None, reason="torch has CUDA here")
 def test_cpu_torch_installs_pure_python_with_a_notice(capsys):
     setup_py = _load_setup()
