@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -53,6 +54,35 @@ def _nvidia_driver() -> str:
         return out.splitlines()[0] if out else "unknown (nvidia-smi gave nothing)"
     except Exception as exc:
         return f"unknown ({type(exc).__name__})"
+
+
+class CpuContention:
+    """CPU time used by OTHER processes while this one runs: (busy jiffies of the whole machine from /proc/stat minus
+    this process's own CPU time) / wall time = the average number of cores others kept busy. Unlike the load average
+    it does not count this run's own threads."""
+
+    def __init__(self):
+        self.t0 = time.monotonic()
+        self.busy0 = self._busy()
+        self.own0 = time.process_time()
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    def others_cores(self) -> float | None:
+        busy = self._busy()
+        wall = time.monotonic() - self.t0
+        if busy is None or self.busy0 is None or wall <= 0:
+            return None
+        return max(0.0, (busy - self.busy0) - (time.process_time() - self.own0)) / wall
 
 
 def environment(device: torch.device) -> dict:
@@ -246,7 +276,8 @@ def write_markdown(path: Path, payload: dict) -> None:
                f"python {env['python']}; driver {env['driver']}")
     out.append(f"- mode: {cfg['mode']}{' (quick)' if cfg['quick'] else ''}; kernel plan: {cfg['kernel_plan']}; "
                f"torch threads {env['torch_threads']}; load average at start {env.get('loadavg_start')}, "
-               f"at end {env.get('loadavg_end')}")
+               f"at end {env.get('loadavg_end')}; other processes kept "
+               f"{_fmt(env.get('other_processes_cores_avg'))} cores busy on average during the run")
     out.append(f"- wall time of this run: {payload.get('wall_seconds', float('nan')):.0f} s "
                f"(budget {cfg['budget_seconds']:.0f} s)")
     copy = payload.get("copy_bandwidth")
@@ -347,8 +378,8 @@ def readme_section(payload: dict, results_dir: str) -> str:
     threads = f" --threads {env['torch_threads']}" if mode == "cpu" else ""
     lines = [f"### Benchmarks: {env['device_name']}", "",
              f"Measured {env['date_utc'][:10]} at git {env['git_commit'][:7]} (torch {env['torch']}, transformers "
-             f"{env['transformers']}; load average {env.get('loadavg_start', ['?'])[0]:.1f} at start, "
-             f"{(env.get('loadavg_end') or ['?'])[0]:.1f} at end) with:", "",
+             f"{env['transformers']}; other processes kept {_fmt(env.get('other_processes_cores_avg'))} of "
+             f"{env['cpu_count']} cores busy on average during the run) with:", "",
              "```bash", f"python -m benchmarks --out auto --mode {mode}{threads}", "```", "",
              f"Full tables, JSON and plots: [{results_dir}]({results_dir}/results.md). "
              f"Kernel shapes: {cfg['kernel_plan']}.", ""]

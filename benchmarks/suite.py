@@ -53,6 +53,7 @@ def run(out_dir: str | Path, mode: str = "auto", quick: bool = False, skip_e2e: 
     default: torch's own default.
     """
     t_start = time.monotonic()
+    contention = report.CpuContention()
     mode = resolve_mode(mode)
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -118,13 +119,14 @@ def run(out_dir: str | Path, mode: str = "auto", quick: bool = False, skip_e2e: 
         env["loadavg_end"] = list(os.getloadavg())
     except OSError:
         env["loadavg_end"] = None
-    loads = [x[0] for x in (env.get("loadavg_start"), env["loadavg_end"]) if x]
+    others = contention.others_cores()
+    env["other_processes_cores_avg"] = others
     cores = os.cpu_count() or 1
-    if mode == "cpu" and loads and max(loads) > 0.5 * cores:
-        notes.append(f"WARNING: 1-minute load average up to {max(loads):.1f} on {cores} cores during this run: other "
-                     "processes competed for the CPU, so timings are inflated and noisy (a multi-threaded op stalls "
+    if mode == "cpu" and others is not None and others > 0.1 * cores:
+        notes.append(f"WARNING: other processes kept {others:.2f} of {cores} cores busy on average during this run: "
+                     "they competed for the CPU, so timings are inflated and noisy (a multi-threaded op stalls "
                      "whenever one of its threads is descheduled; look for medians near multiples of the scheduler "
-                     "tick). Compare runs only at similar load.")
+                     "tick). Compare runs only at similar contention; --threads 1 is less sensitive.")
     payload["targets"] = report.targets(payload)
     payload["wall_seconds"] = time.monotonic() - t_start
     payload["plots"] = report.write_plots(out, payload)
