@@ -40,7 +40,12 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   log "installing torch==$TORCH_VERSION into $VENV (several GB the first time)"
-  "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" numpy setuptools wheel ninja
+  if ! "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" numpy setuptools wheel ninja \
+      >"$VENV/install-torch.log" 2>&1; then
+    tail -n 30 "$VENV/install-torch.log"
+    log "FAIL: pip could not install torch==$TORCH_VERSION into $VENV (log: $VENV/install-torch.log)"
+    exit 1
+  fi
 fi
 "$VENV/bin/python" -m pip install -q setuptools wheel ninja >/dev/null 2>&1 || true
 # An installed bark-kernels (an editable one maps bark_kernels._C to its own tree) would shadow the copy under test.
@@ -60,7 +65,10 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/bark-cuda-build.XXXXXX")"
 if [[ "$KEEP" == 1 ]]; then log "keeping $WORK"; else trap 'rm -rf "$WORK"' EXIT; fi
 mkdir -p "$WORK/src"
 if git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1; then
-  (cd "$ROOT" && git ls-files -z -co --exclude-standard | tar --null -T - -cf -) | tar -xf - -C "$WORK/src"
+  # tracked files deleted in the working tree (someone's edit in progress) are skipped, as the build would see them
+  (cd "$ROOT" && git ls-files -z -co --exclude-standard \
+     | while IFS= read -r -d '' f; do [[ -e "$f" ]] && printf '%s\0' "$f"; done \
+     | tar --null -T - -cf -) | tar -xf - -C "$WORK/src"
 else
   (cd "$ROOT" && tar --exclude=.venv --exclude=.git --exclude=build --exclude='*.so' -cf - .) | tar -xf - -C "$WORK/src"
 fi

@@ -133,7 +133,7 @@ def find_cuda_home(env: Mapping[str, str] | None = None) -> tuple[str | None, st
                 return str(Path(value)), None
             return None, f"{name}={value} is not a CUDA toolkit (expected bin/nvcc and include/cuda_runtime.h there)"
     candidates: list[Path] = []
-    nvcc = shutil.which("nvcc", path=env.get("PATH", os.defpath))
+    nvcc = shutil.which("nvcc", path=env.get("PATH", os.environ.get("PATH", os.defpath)))
     if nvcc is not None:
         candidates.append(Path(nvcc).resolve().parent.parent)
         reported = _nvcc_reported_root(nvcc)

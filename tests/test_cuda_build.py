@@ -21,6 +21,7 @@ from bark_kernels.backends import cuda as cuda_backend
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 SCRIPT = ROOT / ".ci" / "compile_cuda.sh"
+BUILD_SCRIPT = ROOT / ".ci" / "build_cuda_extension.sh"
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA kernels cannot be compile-checked here")
 
@@ -182,6 +183,28 @@ def test_ci_script_passes_on_csrc():
     res = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert "bytes spill stores" in res.stdout and "bindings.cpp: OK" in res.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the real extension build against a CUDA torch (a separate venv; opt-in: several GB and a minute or more)
+
+
+@pytest.mark.slow
+@needs_nvcc
+@pytest.mark.skipif(os.environ.get("TORCH_CUDA_WHEEL_CHECK") != "1",
+                    reason="set TORCH_CUDA_WHEEL_CHECK=1: builds bark_kernels._C against a CUDA torch in a separate "
+                           "venv (VENV, default $TMPDIR/cudatorch; ~5.5 GB the first time)")
+def test_extension_builds_links_loads_and_registers_against_cuda_torch():
+    res = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=3600)
+    out = res.stdout
+    assert res.returncode == 0, out[-6000:] + res.stderr[-3000:]
+    assert "build_cuda_extension: OK in" in out and "SKIP" not in out
+    assert re.search(r"ptxas: [1-9]\d* kernel entries, .* 0 with spills; 0 compiler warnings", out), out
+    assert "schemas: 5 ops registered by the extension, equal to csrc/bindings.cpp" in out
+    assert "fakes: output shapes, dtypes and devices right for all 5 ops" in out
+    assert "k_cache and v_cache kept as mutated inputs" in out
+    assert ("availability: no CUDA device" in out) != torch.cuda.is_available()
+    assert re.search(r"JIT build \(sm_\S+\) and load passed", out) or os.environ.get("JIT") == "0", out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
