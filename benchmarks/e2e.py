@@ -73,8 +73,9 @@ def cpu_plan(quick: bool) -> E2EPlan:
     # No real-size warm-up on CPU: even 2 semantic tokens cost transformers a full 1024-frame fine window (tens of
     # seconds on 2 cores). Each implementation is warmed up with the tiny model instead, and ours runs first, so
     # whatever one-time cost remains is charged to ours, not to transformers.
-    return E2EPlan("cpu: bark-small fp32 batch 1, 16 semantic tokens (0.3 s of audio), same torch threads for both",
-                   ("bark-small",), (torch.float32,), (1,), 16, 0, 0, ours_first=True, warmup_tiny=True)
+    return E2EPlan("cpu: bark-small fp32 batch 1, 48 semantic tokens (1 s of audio), same torch threads for all",
+                   ("bark-small",), (torch.float32,), (1,), 48, 0, 0, hf_integration=("bark_torch",), ours_first=True,
+                   warmup_tiny=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -480,9 +481,11 @@ def run_e2e(device: torch.device, quick: bool, budget, progress=None) -> dict:
             tiny_models = [("transformers", tiny_hf)]
             if ours_reason is None:
                 tiny_models.append(("ours", ours_from_hf(tiny, tiny_hf, device)))
+            for impl_name in plan.hf_integration:
+                tiny_models.append((f"transformers[attn={impl_name}]", hf_twin(tiny, tiny_hf, device, impl_name)))
             ids, mask = _inputs(1, plan.text_tokens, device)
             for impl, m in tiny_models:
-                (generate_hf if impl == "transformers" else generate_ours)(m, ids, mask, 2, StageClock(device))
+                (generate_ours if impl == "ours" else generate_hf)(m, ids, mask, 2, StageClock(device))
             result["warmup"] = f"each implementation generated 2 tokens with the tiny model first ({time.perf_counter() - t0:.1f} s, not timed)"
             del tiny_models, tiny_hf
         except Exception as exc:
