@@ -276,9 +276,13 @@ def generate_ours(model, input_ids, attention_mask, semantic_tokens: int, clock:
     import bark.generation as gen
 
     kwargs = {"semantic_max_new_tokens": semantic_tokens}
-    original_semantic = gen.generate_semantic
+    native = ours_native_min_new_tokens()
+    if not native and not all(hasattr(gen, a) for a in ("generate_semantic", "select_tokens")):
+        raise RuntimeError("cannot suppress EOS identically: bark's generate accepts no semantic_min_new_tokens and "
+                           "bark.generation has no generate_semantic/select_tokens to apply the same operation to")
+    original_semantic = getattr(gen, "generate_semantic", None)
     semantic_fn = original_semantic
-    if ours_native_min_new_tokens():
+    if native:
         kwargs["semantic_min_new_tokens"] = semantic_tokens
     else:
         eos = model.generation_config.semantic_config.eos_token_id
@@ -294,10 +298,11 @@ def generate_ours(model, input_ids, attention_mask, semantic_tokens: int, clock:
 
         semantic_fn = semantic_no_eos
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_patched_module(gen, "generate_semantic", clock.wrap("semantic", semantic_fn)))
+        # Stages whose function is not found are not timed separately (their figures are then absent, not guessed).
         for stage, attr in OURS_STAGE_FUNCTIONS.items():
-            if stage != "semantic":
-                stack.enter_context(_patched_module(gen, attr, clock.wrap(stage, getattr(gen, attr))))
+            fn = semantic_fn if stage == "semantic" else getattr(gen, attr, None)
+            if fn is not None:
+                stack.enter_context(_patched_module(gen, attr, clock.wrap(stage, fn)))
         with torch.no_grad():
             return model.generate(input_ids, attention_mask=attention_mask, **kwargs)
 
