@@ -7,6 +7,7 @@
 #
 #   .ci/build_cuda_extension.sh                  # venv $VENV (created if missing), torch $TORCH_VERSION
 #   VENV=/path TORCH_VERSION=2.14.1 ARCHS="80;90" JIT=0 KEEP=1 .ci/build_cuda_extension.sh
+#   INSTALL_FAIL_OK=1: a torch that cannot be installed (no wheel, no disk) is a SKIP, not a failure (CI uses this)
 #
 # Costs: a ~5.5 GB venv the first time (torch + nvidia-* wheels, from the machine's package index), then about a minute
 # per run on 2 cores. The repository and its .venv are never written to: the build runs in a temporary copy of the
@@ -43,6 +44,10 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
   if ! "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" numpy setuptools wheel ninja \
       >"$VENV/install-torch.log" 2>&1; then
     tail -n 30 "$VENV/install-torch.log"
+    if [[ "${INSTALL_FAIL_OK:-0}" == 1 ]]; then
+      log "SKIP: pip could not install torch==$TORCH_VERSION into $VENV; the extension build is NOT checked"
+      exit 0
+    fi
     log "FAIL: pip could not install torch==$TORCH_VERSION into $VENV (log: $VENV/install-torch.log)"
     exit 1
   fi
