@@ -132,3 +132,8 @@ def random_text_ids(batch: int, lengths, seed: int = 0, max_length: int = 256):
         input_ids[b, :n] = torch.randint(1000, 119_547, (n,), generator=gen)
         attention_mask[b, :n] = 1
     return input_ids, attention_mask
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error ||out - ref|| / ||ref|| in float64 (the measure MODEL_RTOL bounds)."""
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()

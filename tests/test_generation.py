@@ -15,25 +15,13 @@ from bark_kernels.testing import MODEL_RTOL
 
 transformers = pytest.importorskip("transformers")
 import bark_tiny  # noqa: E402
+from bark_tiny import rel_err  # noqa: E402
 
 RTOL = MODEL_RTOL[torch.float32]
 SEMANTIC_TOKENS = 30  # -> 90 coarse tokens (2 coarse windows of 60) -> 45 frames (2 fine windows with a preset)
 SEMANTIC_TOKENS_INTERPRETED = 6  # Triton under the interpreter costs ~0.1 s per kernel launch: keep it short
 BACKENDS = [name for name in bk.available_backends()
             if registry.why_not(name, "attention_with_kvcache", torch.device("cpu"), torch.float32, 16) is None]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny decode-step ops: intra-op threads only add contention on the shared 2-core CI machine (40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tokens_for(backend: str) -> int:

@@ -14,6 +14,7 @@ from bark_kernels.testing import MODEL_RTOL
 
 transformers = pytest.importorskip("transformers")
 import bark_tiny  # noqa: E402
+from bark_tiny import rel_err  # noqa: E402
 
 RTOL = MODEL_RTOL[torch.float32]
 
@@ -25,19 +26,6 @@ def cpu_backends(head_dim: int = 16) -> list[str]:
 
 
 BACKENDS = cpu_backends()
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny ops: intra-op threads only add contention on the shared 2-core CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
