@@ -129,8 +129,7 @@ def check(argv: list[str] | None = None) -> int:
     print("self-test (max error vs float64 reference within the tolerance table):")
     for device_name in devices:
         device = torch.device(device_name)
-        dtypes = [torch.float32, torch.float16] if device.type == "cpu" else [torch.float16, torch.bfloat16,
-                                                                               torch.float32]
+        dtypes = [torch.float16, torch.bfloat16, torch.float32]
         for name in registry.BACKENDS:
             if registry.availability(name) is not None:
                 continue
