@@ -196,8 +196,15 @@ def test_config_rejects_inconsistent_token_ids():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_step_reads_nothing_back_from_the_device(tiny, backend, monkeypatch):
-    """A decode step must be capturable as a CUDA graph: no .item()/.tolist()/bool()/int() on tensors inside."""
+    """A decode step must be capturable as a CUDA graph: no .item()/.tolist()/bool()/int() on tensors inside.
+
+    The one read the sdpa/eager backends allow themselves is bounded to CPU tensors (where it costs no device sync):
+    ``used_cache_length``. It is replaced here by what it does for a device tensor (test below), so that every other
+    read still fails this test."""
+    from bark_kernels.backends import _common
+
     _, ours = tiny
+    monkeypatch.setattr(_common, "used_cache_length", lambda cache_seqlens, seqlen_new, max_seqlen: max_seqlen)
     model = ours.coarse_acoustics
     model.attn_backend = backend
     try:
@@ -219,3 +226,14 @@ def test_decode_step_reads_nothing_back_from_the_device(tiny, backend, monkeypat
     finally:
         monkeypatch.undo()
         model.attn_backend = "eager"
+
+
+def test_used_cache_length_reads_only_cpu_tensors():
+    """The sdpa/eager decode shortcut: on CPU it trims the cache to the longest row; on any other device (meta here,
+    standing in for CUDA) it must not read the tensor and returns the whole cache."""
+    from bark_kernels.backends import _common
+
+    lens = torch.tensor([3, 7], dtype=torch.int32)
+    assert _common.used_cache_length(lens, 1, 12) == 8
+    assert _common.used_cache_length(lens, 0, 5) == 5
+    assert _common.used_cache_length(lens.to("meta"), 1, 12) == 12

@@ -70,3 +70,12 @@ def kvcache_mask(cache_seqlens: torch.Tensor, seqlen_q: int, seqlen_new: int, ma
     len_k = cache_seqlens.to(torch.int64) + seqlen_new
     len_q = torch.full_like(len_k, seqlen_q)
     return visible_keys_mask(len_q, len_k, seqlen_q, max_seqlen_k, causal)
+
+
+def used_cache_length(cache_seqlens: torch.Tensor, seqlen_new: int, max_seqlen: int) -> int:
+    """How many leading cache slots any row attends to: max(cache_seqlens) + seqlen_new on a CPU tensor (reading it
+    costs no device sync there), else the whole cache (no host sync on a GPU, and none while torch.compile traces)."""
+    compiling = hasattr(torch, "compiler") and torch.compiler.is_compiling()
+    if cache_seqlens.device.type != "cpu" or compiling or cache_seqlens.numel() == 0:
+        return max_seqlen
+    return min(int(cache_seqlens.max()) + seqlen_new, max_seqlen)

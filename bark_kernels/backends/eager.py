@@ -62,7 +62,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, causal, sof
     if k is not None:
         _common.append_to_cache(k_cache, v_cache, k, v, cache_seqlens)
         seqlen_new = k.shape[1]
-    mask = _common.kvcache_mask(cache_seqlens, q.shape[1], seqlen_new, k_cache.shape[1], causal).unsqueeze(1)
+    used = _common.used_cache_length(cache_seqlens, seqlen_new, k_cache.shape[1])  # slots past it are never seen
+    k_cache, v_cache = k_cache[:, :used], v_cache[:, :used]  # (B, used, H, D) views
+    mask = _common.kvcache_mask(cache_seqlens, q.shape[1], seqlen_new, used, causal).unsqueeze(1)
     out = _masked_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), mask, softmax_scale)
     return out.transpose(1, 2)  # (B, Sq, H, D)
 
