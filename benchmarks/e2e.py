@@ -289,8 +289,11 @@ def generate_ours(model, input_ids, attention_mask, semantic_tokens: int, clock:
         original_select = gen.select_tokens
 
         def select_without_eos(scores, *args, **kw):
-            return original_select(scores.index_fill(1, torch.tensor([eos], device=scores.device), -float("inf")),
-                                   *args, **kw)
+            # A copy with column `eos` set to -inf through a plain slice: no index tensor is built per step (a
+            # torch.tensor(..., device="cuda") each step is a blocking host-to-device copy, a sync per token).
+            scores = scores.clone()
+            scores[:, eos] = -float("inf")
+            return original_select(scores, *args, **kw)
 
         def semantic_no_eos(*args, **kw):
             with _patched_module(gen, "select_tokens", select_without_eos):

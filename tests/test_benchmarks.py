@@ -170,3 +170,42 @@ def test_command_line_kernels_only_with_threads(tmp_path, capsys):
     assert data["e2e"]["status"] == "skipped" and "--skip-e2e" in data["e2e"]["reason"]
     assert (tmp_path / "results.md").exists()
     assert "kernel measurements" in capsys.readouterr().out
+
+
+def test_e2e_eos_suppression_builds_no_tensor_per_semantic_step(monkeypatch):
+    """The harness that suppresses EOS for our model must not create a tensor per semantic token: on CUDA a
+    ``torch.tensor(..., device="cuda")`` is a blocking host-to-device copy, i.e. a sync per token charged to ours.
+    Counts ``torch.tensor`` calls while the semantic stage runs: they must not grow with the number of tokens."""
+    import bark.generation as gen
+    from benchmarks import e2e
+
+    device = torch.device("cpu")
+    config = e2e._tiny_config()
+    hf = e2e.hf_model_for(config, device)
+    ours = e2e.ours_from_hf(config, hf, device)
+    ids, mask = e2e._inputs(1, 8, device)
+    calls = {"inside": False, "n": 0}
+    real_tensor, real_semantic = torch.tensor, gen.generate_semantic
+
+    def counting_tensor(*args, **kwargs):
+        if calls["inside"]:
+            calls["n"] += 1
+        return real_tensor(*args, **kwargs)
+
+    def flagged_semantic(*args, **kwargs):
+        calls["inside"] = True
+        try:
+            return real_semantic(*args, **kwargs)
+        finally:
+            calls["inside"] = False
+
+    monkeypatch.setattr(torch, "tensor", counting_tensor)
+    monkeypatch.setattr(gen, "generate_semantic", flagged_semantic)
+    counts = []
+    for tokens in (3, 11):
+        calls["n"] = 0
+        clock = e2e.StageClock(device)
+        e2e.generate_ours(ours, ids, mask, tokens, clock)
+        assert clock.outputs["semantic"][0].shape[0] == tokens  # EOS was suppressed: exactly `tokens` tokens
+        counts.append(calls["n"])
+    assert counts[0] == counts[1], f"torch.tensor calls in the semantic stage grow with its length: {counts}"
