@@ -127,8 +127,27 @@ def select_tokens(scores: torch.Tensor, params: SamplingParams, generator: torch
             scores = scores.masked_fill(remove, -float("inf"))
     scores = scores.log_softmax(dim=-1)
     if params.do_sample:
-        return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
+        return sample_one(scores.softmax(dim=-1), generator)
     return torch.argmax(scores, dim=-1)
+
+
+def sample_one(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row: probs (B, V) -> (B,) long, the same draw as ``torch.multinomial(probs, 1, generator)``.
+
+    On CPU that is torch.multinomial itself (it validates probs). On a device, torch.multinomial reads two checks
+    back to the host (``.item()`` on "no inf/nan/negative" and "no all-zero row"): a sync per token. Its one-sample
+    path is argmax(probs / q) with q ~ Exp(1) drawn by ``exponential_`` on a tensor like probs; doing that here
+    consumes the same random numbers and gives the same tokens, without the reads.
+    """
+    if probs.device.type == "cpu":
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    return exponential_race(probs, generator)
+
+
+def exponential_race(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """argmax(probs / q), q ~ Exp(1) (B, V): a draw from each row of probs (B, V) -> (B,) long, no host sync."""
+    q = torch.empty_like(probs).exponential_(1, generator=generator)  # (B, V)
+    return torch.argmax(probs / q, dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -254,3 +254,51 @@ def test_real_window_sizes_match_transformers(tmp_path):
     audio = ours.generate(ids, attention_mask=mask, **kwargs)
     assert ref.shape[1] > 1024 * 320 // 2
     assert audio.shape == ref.shape and rel_err(audio, ref) <= RTOL
+
+
+def test_device_sampling_draws_what_torch_multinomial_draws():
+    """sample_one's device path (argmax(probs / Exp(1)), no host sync) consumes the same random numbers and draws
+    the same tokens as torch.multinomial(probs, 1): checked on CPU, where both run, with masked (zero) entries and a
+    row with one allowed token; the generator ends in the same state, so later draws stay aligned too."""
+    from bark.generation import exponential_race, sample_one
+
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        scores = torch.randn(5, 700, generator=g) * 3  # (B, V)
+        scores[:, 400:] = -float("inf")
+        scores[0, 1:] = -float("inf")  # one allowed token
+        probs = scores.softmax(dim=-1)
+        g_ref, g_ours = torch.Generator().manual_seed(100 + seed), torch.Generator().manual_seed(100 + seed)
+        ref = torch.multinomial(probs, 1, generator=g_ref).squeeze(1)
+        out = exponential_race(probs, g_ours)
+        assert out.dtype == torch.long and torch.equal(out, ref), f"seed {seed}: {out.tolist()} != {ref.tolist()}"
+        assert out[0] == 0
+        assert torch.equal(g_ref.get_state(), g_ours.get_state())
+        assert torch.equal(sample_one(probs, torch.Generator().manual_seed(100 + seed)), ref)
+    torch.manual_seed(9)
+    ref = torch.multinomial(probs, 1).squeeze(1)
+    torch.manual_seed(9)
+    assert torch.equal(exponential_race(probs), ref)  # the global RNG when no generator is given
+
+
+@pytest.mark.gpu
+def test_sampling_on_cuda_reads_nothing_back():
+    """On CUDA, select_tokens with sampling (temperature, top-k, top-p) runs without a host sync and draws what
+    torch.multinomial draws from the same generator state."""
+    from bark.generation import SamplingParams, exponential_race, select_tokens
+
+    device = torch.device("cuda")
+    scores = torch.randn(4, 10_048, device=device, generator=torch.Generator(device).manual_seed(0)) * 4
+    params = SamplingParams(do_sample=True, temperature=0.7, top_k=50, top_p=0.9)
+    select_tokens(scores, params, torch.Generator(device).manual_seed(1))  # warm-up (lazy CUDA initialisation)
+    gens = [torch.Generator(device).manual_seed(2) for _ in range(2)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = select_tokens(scores, params, gens[0])
+        probs = scores.softmax(dim=-1)
+        drawn = exponential_race(probs, gens[1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tokens.shape == (4,) and tokens.device.type == "cuda"
+    assert torch.equal(drawn, torch.multinomial(probs, 1, generator=torch.Generator(device).manual_seed(2)).squeeze(1))
