@@ -237,3 +237,35 @@ def test_used_cache_length_reads_only_cpu_tensors():
     assert _common.used_cache_length(lens, 1, 12) == 8
     assert _common.used_cache_length(lens, 0, 5) == 5
     assert _common.used_cache_length(lens.to("meta"), 1, 12) == 12
+
+
+@pytest.mark.gpu
+def test_decode_step_on_cuda_does_not_synchronize(tiny):
+    """On CUDA, decode steps of every backend that serves the decode op run under torch's sync debug mode "error":
+    no op inside them waits for the device (item/tolist, nonzero, masked indexing, blocking copies...). The first
+    step runs outside it (Triton compiles on first use)."""
+    import copy
+
+    _, ours = tiny
+    device = torch.device("cuda")
+    model = copy.deepcopy(ours.coarse_acoustics).to(device)
+    names = [n for n in bk.available_backends()
+             if registry.why_not(n, "attention_with_kvcache", device, torch.float32, model.config.head_dim) is None]
+    assert names, "no bark_kernels backend serves the decode op on CUDA in fp32"
+    for name in names:
+        model.attn_backend = name
+        with torch.no_grad():
+            cache = model.new_cache(batch=2, max_seqlen=16)
+            model.prefill_varlen([model.embed(torch.arange(5, device=device)),
+                                  model.embed(torch.arange(8, device=device))], cache)
+            ids = torch.tensor([3, 4], device=device)
+            model.decode_step(ids, cache)  # compile / lazy initialisation
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                hidden = model.decode_step(ids, cache)
+                hidden = model.decode_step(ids, cache)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert cache.host_seqlens == [8, 11] and cache.seqlens.tolist() == [8, 11], name
+        assert hidden.shape == (2, model.config.hidden_size) and torch.isfinite(hidden).all(), name
