@@ -502,6 +502,13 @@ def run_e2e(device: torch.device, quick: bool, budget, progress=None) -> dict:
     for model_name, dtype, batch in (progress(order, desc="e2e") if progress else order):
         params = {"model": model_name, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
                   "semantic_tokens": plan.semantic_tokens}
+        if model_name not in built and model_name not in build_errors and budget.left() < 5.0:
+            # building real-size models takes seconds and memory that no run could use any more
+            for impl in ("transformers", "ours"):
+                runs.append({"section": "e2e", "provider": impl, "params": params, "figures": {},
+                             "status": "skipped", "reason": f"time budget: {budget.left():.0f} s left, the models "
+                                                           f"of {model_name} were not built"})
+            continue
         if model_name not in built and model_name not in build_errors:
             try:
                 config = bark_config_for(model_name)

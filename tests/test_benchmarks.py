@@ -209,3 +209,18 @@ def test_e2e_eos_suppression_builds_no_tensor_per_semantic_step(monkeypatch):
         assert clock.outputs["semantic"][0].shape[0] == tokens  # EOS was suppressed: exactly `tokens` tokens
         counts.append(calls["n"])
     assert counts[0] == counts[1], f"torch.tensor calls in the semantic stage grow with its length: {counts}"
+
+
+def test_e2e_builds_no_model_once_the_budget_is_spent(monkeypatch):
+    """With the run's budget spent, the end-to-end section records skipped runs (with the reason) and does not spend
+    time and memory building models no run would use."""
+    from benchmarks import e2e
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model was built after the budget was spent")
+
+    monkeypatch.setattr(e2e, "hf_model_for", no_build)
+    result = e2e.run_e2e(torch.device("cpu"), True, kernels.Budget(0.0))
+    assert result["runs"] and all(r["status"] == "skipped" for r in result["runs"])
+    assert all("time budget" in r["reason"] for r in result["runs"])
+    assert result["status"] == "skipped"
