@@ -229,8 +229,9 @@ def test_gpu_backends_give_the_cpu_tokens(checkpoint):
     names = [n for n in bk.available_backends()
              if registry.why_not(n, "attention_with_kvcache", torch.device("cuda"), torch.float32, 16) is None]
     assert names, "no bark_kernels backend serves fp32 on CUDA"
-    for name in names:
-        gpu = bark.BarkModel.from_pretrained(path, attn_implementation=name, device="cuda")
+    implementation = {backend: impl for impl, backend in bark.config.ATTN_IMPLEMENTATIONS.items() if backend}
+    for name in names:  # bark_kernels backend names; attn_implementation spells flash_attn "flash_attention_2"
+        gpu = bark.BarkModel.from_pretrained(path, attn_implementation=implementation[name], device="cuda")
         out = generate_tokens(gpu, ids.cuda(), mask.cuda(), history_prompt=presets,
                               semantic_max_new_tokens=SEMANTIC_TOKENS)
         for stage in ("semantic", "coarse", "fine"):
