@@ -26,6 +26,9 @@ from bark_kernels.testing import (
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 triton_backend = pytest.importorskip("bark_kernels.backends.triton")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+from bark_kernels.backends.triton._attention_kernels import _key_range  # noqa: E402 (after the skips)
 
 _reason = registry.why_not("triton", "attention", torch.device(DEVICE), torch.float32, 64)
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"triton backend unavailable on {DEVICE}: {_reason}")
@@ -187,6 +190,54 @@ def test_decode_path_has_no_host_sync(monkeypatch):
     out = triton_backend.OPS["attention_with_kvcache"](q, k_cache, v_cache, k, v, cache_seqlens, True, 0.125)
     monkeypatch.undo()
     assert_close_to_reference(out, ref, baseline, dtype)
+
+
+@triton.jit
+def _key_range_probe(Out, len_q, len_k, split_size, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (m_blocks, num_splits): stores the kernel's (lo, full_end, hi) of every program."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    lo, full_end, hi = _key_range(pid_m * BLOCK_M, len_q, len_k, pid_s, split_size, CAUSAL, SPLIT, BLOCK_M, BLOCK_N)
+    base = (pid_s * tl.num_programs(0) + pid_m) * 3
+    tl.store(Out + base, lo)
+    tl.store(Out + base + 1, full_end)
+    tl.store(Out + base + 2, hi)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("len_q,len_k,m_blocks,num_splits", [(20, 70, 4, 1), (5, 70, 1, 3), (40, 9, 3, 1),
+                                                              (1, 33, 1, 3), (37, 37, 3, 2)])
+def test_key_ranges_cover_exactly_the_visible_keys(causal, len_q, len_k, m_blocks, num_splits):
+    """The key ranges each program visits, checked against the mask: the unmasked part [lo, full_end) holds only
+    keys every row of the M block sees, the splits are disjoint and cover every key some row sees, and an M block with
+    no query row (varlen: past its sequence's end, here m_blocks beyond len_q) visits no key (it used to run its whole
+    unmasked loop for nothing: right results, wasted work)."""
+    block_m, block_n = 16, 16
+    split = num_splits > 1
+    split_size = triton.cdiv(triton.cdiv(len_k, num_splits), block_n) * block_n if split else 0
+    out = torch.full((num_splits, m_blocks, 3), -1, dtype=torch.int32, device=DEVICE)
+    _key_range_probe[(m_blocks, num_splits)](out, len_q, len_k, split_size, CAUSAL=causal, SPLIT=split,
+                                            BLOCK_M=block_m, BLOCK_N=block_n)
+    ranges = out.cpu().tolist()
+    for pid_m in range(m_blocks):
+        rows = range(pid_m * block_m, min((pid_m + 1) * block_m, len_q))
+
+        def visible(i, j):
+            return j < len_k and (not causal or j <= i + len_k - len_q)
+
+        seen_by_some = {j for j in range(len_k) if any(visible(i, j) for i in rows)}
+        covered = []
+        for pid_s in range(num_splits):
+            lo, full_end, hi = ranges[pid_s][pid_m]
+            assert lo <= full_end <= hi, (pid_m, pid_s, lo, full_end, hi)
+            assert lo % block_n == 0 and (full_end - lo) % block_n == 0
+            assert all(visible(i, j) for i in rows for j in range(lo, full_end)), (pid_m, pid_s, lo, full_end)
+            if not rows:
+                assert hi == lo, f"M block {pid_m} has no query row but visits keys [{lo}, {hi})"
+            covered += range(lo, hi)
+        assert len(covered) == len(set(covered)), "splits overlap"
+        assert seen_by_some <= set(covered)
 
 
 def test_varlen_lengths_zero_and_one():

@@ -100,6 +100,33 @@ def _attn_inner(acc, l_i, m_i, q, K, V, K_new, V_new, k_base, v_base, knew_base,
 
 
 @triton.jit
+def _key_range(start_m, len_q, len_k, pid_s, split_size,
+               CAUSAL: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key positions of the program (M block starting at query start_m, split pid_s): (lo, full_end, hi) with
+    lo <= full_end <= hi. Every row of the M block sees every key of [lo, full_end) (a whole number of BLOCK_N
+    blocks, visited without masks); [full_end, hi) holds the blocks crossing the causal diagonal or the end of the
+    keys (masked). An M block with no query row (varlen: past the end of its sequence) visits no key at all."""
+    if CAUSAL:
+        hi = tl.minimum(len_k, start_m + BLOCK_M + (len_k - len_q))  # keys the last row of the block sees
+        full_hi = tl.minimum(len_k, start_m + 1 + (len_k - len_q))  # keys the first row sees
+    else:
+        hi = len_k
+        full_hi = len_k
+    has_rows = start_m < len_q
+    hi = tl.where(has_rows, hi, 0)
+    full_hi = tl.where(has_rows, full_hi, 0)
+    if SPLIT:
+        lo = pid_s * split_size
+        hi = tl.minimum(hi, lo + split_size)
+        full_hi = tl.minimum(full_hi, lo + split_size)
+    else:
+        lo = pid_s * 0  # one split per launch (pid_s == 0); a tensor, as the other bounds
+    hi = tl.maximum(hi, lo)
+    full_end = lo + (tl.maximum(full_hi - lo, 0) // BLOCK_N) * BLOCK_N
+    return lo, full_end, hi
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, K_new, V_new,
     cu_seqlens_q, cu_seqlens_k, cache_seqlens,
@@ -184,23 +211,7 @@ def _attn_fwd_kernel(
     q = tl.load(Q + q_base + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0)
 
-    # keys this M block can see at all: [0, hi); keys every row of it sees: [0, full_hi)
-    if CAUSAL:
-        hi = tl.minimum(len_k, start_m + BLOCK_M + (len_k - len_q))
-        full_hi = tl.minimum(len_k, start_m + 1 + (len_k - len_q))
-    else:
-        hi = len_k
-        full_hi = len_k
-    # varlen: an M block past the end of sequence b visits no key (and stores nothing)
-    hi = tl.where(start_m < len_q, hi, 0)
-    if SPLIT:
-        lo = pid_s * split_size
-        hi = tl.minimum(hi, lo + split_size)
-        full_hi = tl.minimum(full_hi, lo + split_size)
-    else:
-        lo = 0
-    hi = tl.maximum(hi, lo)
-    full_end = lo + (tl.maximum(full_hi - lo, 0) // BLOCK_N) * BLOCK_N
+    lo, full_end, hi = _key_range(start_m, len_q, len_k, pid_s, split_size, CAUSAL, SPLIT, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
