@@ -24,6 +24,9 @@ import time
 import torch
 
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block (opt-in maximum)
+# register spills above this (bytes of spill stores per thread) fail the check: a few words spilled to L1 cost little,
+# hundreds of bytes (the fp32 FMA dot at D = 128 reached 30 KB) make a kernel several times slower
+MAX_SPILL_BYTES = 256
 _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -71,6 +74,31 @@ def _aligned_args(fn, sig) -> dict:
             if sig[name].startswith("*") or name.startswith("stride_") or name == "split_size"}
 
 
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int] | None:
+    """(registers per thread, spill-store bytes) from Triton's bundled ptxas -v, or None if it cannot tell."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "kernel.ptx")
+            with open(src, "w") as f:
+                f.write(ptx)
+            run = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+                                  "-o", os.path.join(tmp, "kernel.o")], capture_output=True, text=True, timeout=300)
+    except Exception:
+        return None
+    regs = re.search(r"Used (\d+) registers", run.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", run.stderr)
+    if run.returncode != 0 or regs is None or spills is None:
+        return None
+    return int(regs.group(1)), int(spills.group(1))
+
+
 def _compile(fn, sig, consts, target, num_warps, num_stages, aligned: bool = True):
     import triton
     from triton.compiler import ASTSource
@@ -111,7 +139,12 @@ def run(arch: int = 90, quick: bool = False, out=sys.stdout) -> list[str]:
         if label.startswith("attn") and "cp.async" not in ptx:
             status = "SLOW"
             failures.append(f"{label}: no cp.async in the PTX (K/V loads are not pipelined)")
-        print(f"{status:4s} {label}: shared {shared} B, {time.time() - t0:.1f}s", file=out)
+        usage = _ptxas_usage(ptx, arch)
+        regs = "registers ?" if usage is None else f"{usage[0]} registers, {usage[1]} B spilled"
+        if usage is not None and usage[1] > MAX_SPILL_BYTES:
+            status = "SPILL"
+            failures.append(f"{label}: {usage[1]} bytes of register spills > {MAX_SPILL_BYTES}")
+        print(f"{status:4s} {label}: shared {shared} B, {regs}, {time.time() - t0:.1f}s", file=out)
 
     for dtype, head_dim, mode, causal, has_new, split, cfg in _attn_variants(quick):
         tl_dtype = _TL_NAME[dtype]

@@ -48,8 +48,13 @@ def prefill_config(head_dim: int, dtype: torch.dtype, max_seqlen_q: int, max_seq
     """
     if interpreter_enabled():
         return AttnConfig(_pow2_at_least(max_seqlen_q, 16, 128), _pow2_at_least(max_seqlen_k, 16, 128), 4, 1)
-    if dtype == torch.float32:  # ieee fp32 dot: 4-byte tiles, keep shared memory small
-        return AttnConfig(64 if max_seqlen_q > 32 else 32, 32, 4, 2)
+    if dtype == torch.float32:
+        # ieee fp32 dot runs on FMA units with 4-byte tiles: register pressure decides. Picked so that ptxas spills
+        # (almost) nothing for sm_80 and sm_90 with triton 3.6 and 3.9 (_aot_check); the former (64, 32, 4 warps)
+        # spilled 1.4 KB per thread at D = 64 and 30 KB at D = 128
+        if head_dim > 64:
+            return AttnConfig(32, 16, 8, 2)
+        return AttnConfig(64, 32, 8, 3) if max_seqlen_q > 32 else AttnConfig(32, 32, 4, 2)
     block_m = 128 if max_seqlen_q > 64 else 64
     if head_dim <= 64:
         return AttnConfig(block_m, 64, 4, 3)
@@ -62,8 +67,8 @@ def decode_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, max_seqlen_k
         return prefill_config(head_dim, dtype, seqlen_q, max_seqlen_k)
     if interpreter_enabled():
         return AttnConfig(16, _pow2_at_least(max_seqlen_k, 16, 128), 4, 1)
-    if dtype == torch.float32:
-        return AttnConfig(16, 32, 4, 2)
+    if dtype == torch.float32:  # FMA dot: at D = 128 a 32-key block spilled 660 B per thread on sm_90
+        return AttnConfig(16, 32 if head_dim <= 64 else 16, 4, 2)
     return AttnConfig(16, 128 if head_dim <= 64 else 64, 4, 3)
 
 
