@@ -315,6 +315,17 @@ def test_opcheck_attention_ops():
                                                        cache_seqlens, True, 0.2))
     torch.library.opcheck(ops.attention_with_kvcache, (q[:, :1], k_cache, v_cache, None, None, cache_seqlens,
                                                        False, 0.2))
+    # more queries than the decode block (prefill block sizes over the cache), appended
+    torch.library.opcheck(ops.attention_with_kvcache, (q, k_cache, v_cache, k, v, cache_seqlens, True, 0.2))
+    # one row, one head, a long cache: the default heuristic splits the keys (workspaces + combine kernel)
+    launchers = _launchers()
+    cfg = launchers.decode_config(32, torch.float32, 1, 512)
+    assert launchers.choose_num_splits(1, 512, cfg.block_n, torch.device(DEVICE)) > 1
+    k_long, v_long = _cache(1, 512, 1, 32, torch.float32)
+    q1, k1, v1 = make_qkv(1, 1, 1, 1, 32, torch.float32, DEVICE, seed=19)
+    torch.library.opcheck(ops.attention_with_kvcache, (q1, k_long, v_long, k1, v1,
+                                                       torch.tensor([300], dtype=torch.int32, device=DEVICE), True,
+                                                       0.2))
 
 
 def test_opcheck_row_ops():
