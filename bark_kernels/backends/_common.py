@@ -8,6 +8,26 @@ from __future__ import annotations
 
 import torch
 
+ATTENTION_OPS = ("attention", "attention_varlen", "attention_with_kvcache")
+ROW_OPS = ("gather_rows", "scatter_rows")
+
+
+def kernel_capability(op: str, dtype: torch.dtype, head_dim: int, attention_dtypes, head_dims,
+                      row_dtypes=None) -> str | None:
+    """The dtype/head_dim part of a kernel backend's ``supports()``: None when it serves (op, dtype, head_dim), else
+    the reason. ``row_dtypes`` None means the row ops take any dtype."""
+    if op in ROW_OPS:
+        if row_dtypes is not None and dtype not in row_dtypes:
+            return f"{op} handles {' or '.join(str(d) for d in row_dtypes)}, got {dtype}"
+        return None
+    if op not in ATTENTION_OPS:
+        return f"unknown op {op!r}"
+    if dtype not in attention_dtypes:
+        return f"dtype {dtype} is not supported (the attention kernels take {' or '.join(str(d) for d in attention_dtypes)})"
+    if head_dim not in head_dims:
+        return f"head_dim {head_dim} is not supported (supported: {list(head_dims)})"
+    return None
+
 
 def visible_keys_mask(len_q: torch.Tensor, len_k: torch.Tensor, max_q: int, max_k: int, causal: bool) -> torch.Tensor:
     """Boolean mask (B, max_q, max_k): query i of row b sees key j.

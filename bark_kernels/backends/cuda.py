@@ -18,6 +18,7 @@ import os
 import torch
 
 from .. import _jit
+from ._common import ROW_OPS, kernel_capability
 
 logger = logging.getLogger("bark_kernels")
 
@@ -25,8 +26,6 @@ NAME = "cuda"
 NAMESPACE = "bark_kernels_cuda"
 HEAD_DIMS = (16, 32, 64, 96, 128)
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
-ATTENTION_OPS = ("attention", "attention_varlen", "attention_with_kvcache")
-ROW_OPS = ("gather_rows", "scatter_rows")
 MIN_COMPUTE_CAPABILITY = (8, 0)
 
 _state: dict[str, object] = {"loaded": False, "error": None, "fakes": False}
@@ -118,14 +117,9 @@ def availability() -> str | None:
 def supports(op: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     if device.type != "cuda":
         return f"runs on CUDA devices only, got device type {device.type!r}"
-    if op in ROW_OPS:
-        return None
-    if op not in ATTENTION_OPS:
-        return f"unknown op {op!r}"
-    if dtype not in ATTENTION_DTYPES:
-        return f"dtype {dtype} is not supported (the tensor-core kernels take torch.float16 or torch.bfloat16)"
-    if head_dim not in HEAD_DIMS:
-        return f"head_dim {head_dim} is not supported (expected one of {list(HEAD_DIMS)})"
+    reason = kernel_capability(op, dtype, head_dim, ATTENTION_DTYPES, HEAD_DIMS)
+    if reason is not None or op in ROW_OPS:
+        return reason
     index = device.index if device.index is not None else torch.cuda.current_device()
     capability = torch.cuda.get_device_capability(index)
     if capability < MIN_COMPUTE_CAPABILITY:

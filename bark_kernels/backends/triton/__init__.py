@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .._common import kernel_capability
 from ._env import interpreter_enabled
 
 NAME = "triton"
@@ -18,8 +19,6 @@ NAME = "triton"
 HEAD_DIMS = (16, 32, 64, 128)
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ROWS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-ATTENTION_OPS = ("attention", "attention_varlen", "attention_with_kvcache")
-ROWS_OPS = ("gather_rows", "scatter_rows")
 
 
 def _triton_import_error() -> str | None:
@@ -67,16 +66,9 @@ def supports(op: str, device: torch.device, dtype: torch.dtype, head_dim: int) -
         return f"device type {device.type!r} is not supported (cuda, or cpu under TRITON_INTERPRET=1)"
     elif not interpreter_enabled() and not torch.cuda.is_available():
         return "CUDA is not available"
-    if op in ROWS_OPS:
-        if dtype not in ROWS_DTYPES:
-            return f"{op} handles {[str(d) for d in ROWS_DTYPES]}, got {dtype}"
-        return None
-    if op not in ATTENTION_OPS:
-        return f"unknown op {op!r}"
-    if dtype not in ATTENTION_DTYPES:
-        return f"attention kernels handle {[str(d) for d in ATTENTION_DTYPES]}, got {dtype}"
-    if head_dim not in HEAD_DIMS:
-        return f"head_dim {head_dim} is not supported (supported: {list(HEAD_DIMS)})"
+    reason = kernel_capability(op, dtype, head_dim, ATTENTION_DTYPES, HEAD_DIMS, ROWS_DTYPES)
+    if reason is not None:
+        return reason
     if dtype == torch.bfloat16 and interpreter_enabled():
         if _BF16_INTERPRETER_ERROR is not None:
             return f"bfloat16 under the Triton interpreter would compute wrong values: {_BF16_INTERPRETER_ERROR}"
