@@ -63,7 +63,7 @@ def gpu_plan(quick: bool) -> E2EPlan:
     # 256 semantic tokens = 5.1 s of audio: the whole matrix fits the 8-minute budget; figures are also given per
     # 10 s of audio (measured seconds scaled by 10 / measured audio seconds).
     return E2EPlan("gpu: 256 semantic tokens (5.1 s of audio) per run", ("bark-small", "bark"),
-                   (torch.float32, torch.float16, torch.bfloat16), (1, 4, 16), 256, 16, 256, hf_integration=("triton",))
+                   (torch.float32, torch.float16, torch.bfloat16), (1, 8), 256, 16, 256, hf_integration=("triton",))
 
 
 def cpu_plan(quick: bool) -> E2EPlan:
@@ -412,7 +412,8 @@ def _size(config) -> float:
                                                             config.fine_acoustics_config))
 
 
-def _estimate(last_wall: dict, impl: str, model_name: str, batch: int, device: torch.device, built: dict) -> float:
+def _estimate(last_wall: dict, impl: str, model_name: str, batch: int, device: torch.device, built: dict,
+              semantic_tokens: int = 256) -> float:
     """Seconds the next run (warm-up included) is expected to take, from the last run of the same implementation:
     scaled by batch (linearly on a CPU, mildly on a GPU) and, for a model not run yet, by the size ratio."""
     prev = last_wall.get((impl, model_name))
@@ -420,7 +421,7 @@ def _estimate(last_wall: dict, impl: str, model_name: str, batch: int, device: t
     if prev is None:
         others = [(m, v) for (i, m), v in last_wall.items() if i == impl and m in built]
         if not others:
-            return 0.0
+            return first_run_estimate(built[model_name][0], batch, device, semantic_tokens)
         other, prev = others[-1]
         scale = _size(built[model_name][0]) / _size(built[other][0])
     prev_batch, prev_wall = prev
@@ -429,6 +430,24 @@ def _estimate(last_wall: dict, impl: str, model_name: str, batch: int, device: t
     else:
         scale *= max(1.0, (1 + batch / 16) / (1 + prev_batch / 16))
     return prev_wall * scale
+
+
+# A first run has no earlier run to scale from: assume this many seconds per decode step of a 12-layer, 768-wide model
+# (semantic + coarse steps; scaled by _size), plus a fixed warm-up (first calls, Triton compiles on a GPU). Generous on
+# purpose: overrunning the budget costs more than skipping a configuration.
+FIRST_RUN_STEP_S = {"cuda": 4e-3, "cpu": 0.08}
+FIRST_RUN_WARMUP_S = {"cuda": 30.0, "cpu": 5.0}
+
+
+def first_run_estimate(config, batch: int, device: torch.device, semantic_tokens: int) -> float:
+    """Seconds a first run of ``config`` is expected to take when nothing has run yet to scale from."""
+    from bark.config import bark_small_config
+
+    steps = semantic_tokens * (1 + config.generation_config.semantic_to_coarse_ratio)
+    scale = _size(config) / _size(bark_small_config())
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    per_batch = max(1.0, batch / 4) if kind == "cpu" else 1 + batch / 16
+    return FIRST_RUN_WARMUP_S[kind] + steps * FIRST_RUN_STEP_S[kind] * scale * per_batch
 
 
 def _attn_label(impl: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -462,8 +481,9 @@ def run_order(plan: E2EPlan) -> list[tuple[str, torch.dtype, int]]:
     return sorted(items, key=lambda x: (tier(*x), plan.models.index(x[0]), x[2], plan.dtypes.index(x[1])))
 
 
-def run_e2e(device: torch.device, quick: bool, budget, progress=None) -> dict:
-    """Run the end-to-end plan for ``device``; returns {"status", "reason"?, "plan", "method", "runs": [...]}."""
+def run_e2e(device: torch.device, quick: bool, budget, progress=None, on_update=None) -> dict:
+    """Run the end-to-end plan for ``device``; returns {"status", "reason"?, "plan", "method", "runs": [...]}.
+    ``on_update(result)`` is called after every run (the caller writes its tables: a cut run keeps what it measured)."""
     plan = gpu_plan(quick) if device.type == "cuda" else cpu_plan(quick)
     result = {"status": "ok", "plan": plan.label, "method": EOS_METHOD, "runs": [],
               "torch_threads": torch.get_num_threads()}
@@ -549,7 +569,7 @@ def run_e2e(device: torch.device, quick: bool, budget, progress=None) -> dict:
             if model is None or isinstance(model, str):
                 rec.update(status="skipped" if model is None else "failed", reason=model or ours_reason)
                 continue
-            estimate = _estimate(last_wall, impl, model_name, batch, device, built)
+            estimate = _estimate(last_wall, impl, model_name, batch, device, built, plan.semantic_tokens)
             if budget.left() < max(5.0, 1.2 * estimate):
                 rec.update(status="skipped", reason=f"time budget: {budget.left():.0f} s left, a run of this "
                                                     f"configuration is estimated at {estimate:.0f} s")
@@ -566,6 +586,8 @@ def run_e2e(device: torch.device, quick: bool, budget, progress=None) -> dict:
             rec.update(status="ok", figures=figs)
             last_wall[(impl, model_name)] = (batch, wall)
             pair[impl] = rec
+            if on_update is not None:
+                on_update(result)
         if "transformers" in pair:
             t = pair["transformers"]["figures"]
             sem_t, audio_t = tokens["transformers"]

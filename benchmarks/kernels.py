@@ -99,7 +99,9 @@ def gpu_plan(quick: bool = False) -> Plan:
 def cpu_plan(quick: bool = False) -> Plan:
     excluded = {"bk:triton": "TRITON_INTERPRET runs Triton kernels as numpy on the CPU: its timings are meaningless, "
                              "so triton is excluded from CPU timings",
-                "bk:cuda": "CPU mode: the CUDA extension runs on CUDA tensors only"}
+                "bk:cuda": "CPU mode: the CUDA extension runs on CUDA tensors only",
+                "torch-sdpa:efficient": "CPU mode: torch has no CPU memory-efficient SDPA kernel",
+                "torch-sdpa:cudnn": "CPU mode: cuDNN attention runs on CUDA tensors only"}
     if quick:
         return Plan("cpu quick: tiny shapes (smoke test, not Bark's shapes)", (torch.float32,), ("bark-small",),
                     (64,), (64,), (1,), (64,), (2,), (torch.float32,), ((17, 64, 33),), ((2, 64),), excluded)
@@ -124,8 +126,10 @@ def cpu_plan(quick: bool = False) -> Plan:
 
 
 def attention_providers(device: torch.device, plan: Plan) -> list[str]:
+    """Every provider of the attention sections; the torch-sdpa kernels the plan excludes are left out (bk:* ones
+    stay, recorded as skipped with the plan's reason)."""
     names = [f"bk:{b}" for b in registry.BACKENDS]
-    names += [f"torch-sdpa:{k}" for k in SDPA_KERNELS]
+    names += [f"torch-sdpa:{k}" for k in SDPA_KERNELS if f"torch-sdpa:{k}" not in plan.excluded]
     if device.type == "cpu":
         names.append("torch-sdpa:auto")
     return names

@@ -107,12 +107,15 @@ def run(out_dir: str | Path, mode: str = "auto", quick: bool = False, skip_e2e: 
                                                             "unit": "fraction of copy GB/s measured in this run"}
     payload["kernels"] = records
     payload["kernel_seconds"] = time.monotonic() - t0
+    _write_tables(out, payload, t_start, partial="kernels done, end to end not yet run")
 
     # 3. end to end
     if skip_e2e:
         payload["e2e"] = {"status": "skipped", "reason": "--skip-e2e given", "runs": []}
     else:
-        payload["e2e"] = e2e.run_e2e(device, quick, total_budget, progress=_progress)
+        payload["e2e"] = e2e.run_e2e(
+            device, quick, total_budget, progress=_progress,
+            on_update=lambda res: _write_tables(out, dict(payload, e2e=res), t_start, partial="end to end running"))
 
     # 4. files
     try:
@@ -128,16 +131,34 @@ def run(out_dir: str | Path, mode: str = "auto", quick: bool = False, skip_e2e: 
                      "whenever one of its threads is descheduled; look for medians near multiples of the scheduler "
                      "tick). Compare runs only at similar contention; --threads 1 is less sensitive.")
     payload["targets"] = report.targets(payload)
-    payload["wall_seconds"] = time.monotonic() - t_start
-    payload["plots"] = report.write_plots(out, payload)
-    report.write_json(out / "results.json", payload)
-    report.write_markdown(out / "results.md", payload)
+    # the tables first: a plotting error must not lose a measured figure
+    _write_tables(out, payload, t_start, partial=None)
+    try:
+        payload["plots"] = report.write_plots(out, payload)
+    except Exception as exc:  # recorded in the JSON, never fatal
+        payload["plots"] = []
+        payload["plot_error"] = f"{type(exc).__name__}: {exc}"
+        logger.warning("benchmarks: plots not written: %s", payload["plot_error"])
+    _write_tables(out, payload, t_start, partial=None)
     try:
         rel = out.resolve().relative_to(Path(__file__).resolve().parent.parent).as_posix()
     except ValueError:
         rel = str(out)
     (out / "README-section.md").write_text(report.readme_section(payload, rel))
     return payload
+
+
+def _write_tables(out: Path, payload: dict, t_start: float, partial: str | None) -> None:
+    """results.json and results.md as they stand; ``partial`` says what is still missing (None: complete)."""
+    payload["wall_seconds"] = time.monotonic() - t_start
+    if partial:
+        payload["partial"] = partial
+    else:
+        payload.pop("partial", None)
+    payload.setdefault("plots", [])
+    payload.setdefault("e2e", {"status": "not run yet", "runs": []})
+    report.write_json(out / "results.json", payload)
+    report.write_markdown(out / "results.md", payload)
 
 
 def _timer_method(device: torch.device, quick: bool) -> str:

@@ -1,0 +1,349 @@
+"""Decode-step benchmark: µs per step, tokens/s and achieved GB/s of one causal Bark sub-model's decode step.
+
+``python -m benchmarks.decode --out DIR [--quick] [--budget SECONDS] [--models bark-small,bark] [--batches 1,8]``
+
+A decode step at batch B reads every weight of the layers, the final norm and the lm-head rows it needs once, plus
+the KV cache of every row; at small B that is all it should cost. The floor of a step is therefore
+
+    floor = (weight bytes + KV bytes read) / copy bandwidth measured in the same run,
+
+and the report gives each mode's step time as a multiple of that floor. Modes (each from the same prefilled state, the
+same random weights; greedy, so every mode must produce the same tokens, which is checked and recorded):
+
+* ``eager``: the model's decode step called from Python, step after step (what generation did before sessions);
+* ``graph`` (CUDA): one step captured with ``torch.cuda.CUDAGraph`` and replayed;
+* further modes are added by :func:`register_mode` (the decode session of ``bark.generation`` registers its own).
+
+Results are written to ``DIR/decode.json`` after every measured case, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import report, timing
+
+# mode name -> builder(bench) -> (reset(), run(n_steps) -> tokens (n_steps, B) long) or raises
+_MODES: dict[str, Callable] = {}
+
+
+def register_mode(name: str, builder: Callable) -> None:
+    _MODES[name] = builder
+
+
+@dataclass
+class DecodeBench:
+    """One prefilled model state: the thing every mode starts from."""
+
+    name: str
+    model: torch.nn.Module
+    batch: int
+    prompt_len: int
+    steps: int
+    n_allowed: int
+    device: torch.device
+    dtype: torch.dtype
+    first_tokens: torch.Tensor = field(default=None)  # (B,) the token after the prompt
+    max_seqlen: int = 0
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights one step reads: every layer, the final norm, the lm-head rows used."""
+        m = self.model
+        total = sum(p.numel() * p.element_size() for p in m.layers.parameters())
+        total += sum(p.numel() * p.element_size() for p in m.layernorm_final.parameters())
+        head = m.lm_head.weight
+        total += self.n_allowed * head.shape[1] * head.element_size()
+        return total
+
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values one step reads, averaged over the timed steps (lengths prompt+1 .. prompt+steps)."""
+        cfg = self.model.config
+        mean_len = self.prompt_len + (self.steps + 1) / 2
+        return int(2 * cfg.num_layers * self.batch * mean_len * cfg.hidden_size * self.dtype.itemsize)
+
+
+def model_config(name: str):
+    """The semantic sub-model config of bark-small / bark, or a tiny one ('tiny') for smoke runs."""
+    from bark.config import BarkSubModelConfig, bark_config, bark_small_config
+
+    if name == "bark-small":
+        return bark_small_config().semantic_config
+    if name == "bark":
+        return bark_config().semantic_config
+    if name == "tiny":
+        return BarkSubModelConfig(block_size=128, input_vocab_size=320, output_vocab_size=320, num_layers=2,
+                                  num_heads=2, hidden_size=64, dropout=0.0, bias=False)
+    raise ValueError(f"model: expected bark-small, bark or tiny, got {name!r}")
+
+
+def build(name: str, batch: int, device: torch.device, dtype: torch.dtype, prompt_len: int, steps: int,
+          attn: str | None = None, seed: int = 0) -> DecodeBench:
+    from bark.model import BarkCausalModel
+
+    cfg = model_config(name)
+    torch.manual_seed(seed)
+    model = BarkCausalModel(cfg, attn_backend=attn)  # torch's default init: varied greedy tokens
+    model = model.to(device=device, dtype=dtype).eval()
+    n_allowed = min(10_001, cfg.output_vocab_size)
+    prompt_len = min(prompt_len, cfg.block_size - steps - 1)
+    bench = DecodeBench(name, model, batch, prompt_len, steps, n_allowed, device, dtype,
+                        max_seqlen=prompt_len + steps + 1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    embeds = (torch.randn(batch, prompt_len, cfg.hidden_size, generator=gen) * 0.02).to(device=device, dtype=dtype)
+    bench.prompt_embeds = embeds
+    return bench
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# modes on the model's own decode step
+
+
+def _eager(bench: DecodeBench):
+    model = bench.model
+    cache = model.new_cache(bench.batch, bench.max_seqlen)
+    with torch.no_grad():
+        hidden = model.prefill(bench.prompt_embeds, cache)
+        first = torch.argmax(model.lm_logits(hidden, 0, bench.n_allowed).float(), dim=-1)  # (B,)
+    prompt = [bench.prompt_len] * bench.batch
+
+    def reset():
+        cache.set_lengths(prompt)
+
+    @torch.no_grad()
+    def run(n: int) -> torch.Tensor:
+        tok = first
+        out = []
+        for _ in range(n):
+            hidden = model.decode_step(tok, cache)
+            tok = torch.argmax(model.lm_logits(hidden, 0, bench.n_allowed).float(), dim=-1)
+            out.append(tok)
+        return torch.stack(out)  # (n, B)
+
+    return reset, run
+
+
+def _graph(bench: DecodeBench):
+    if bench.device.type != "cuda":
+        raise RuntimeError("CUDA graphs need a CUDA device")
+    model = bench.model
+    cache = model.new_cache(bench.batch, bench.max_seqlen)
+    with torch.no_grad():
+        hidden = model.prefill(bench.prompt_embeds, cache)
+        first = torch.argmax(model.lm_logits(hidden, 0, bench.n_allowed).float(), dim=-1)
+    prompt = [bench.prompt_len] * bench.batch
+    tok = first.clone()  # static input/output of the captured step
+
+    def step():
+        hidden = model.decode_step(tok, cache)
+        tok.copy_(torch.argmax(model.lm_logits(hidden, 0, bench.n_allowed).float(), dim=-1))
+
+    # warm every kernel variant on a side stream, then capture one step
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):
+            cache.set_lengths(prompt)
+            tok.copy_(first)
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    cache.set_lengths(prompt)
+    with torch.no_grad(), torch.cuda.graph(graph):
+        step()
+
+    def reset():
+        cache.set_lengths(prompt)  # host copy is not advanced by replays; the device lengths are what count
+        tok.copy_(first)
+
+    def run(n: int) -> torch.Tensor:
+        out = []
+        for _ in range(n):
+            graph.replay()
+            out.append(tok.clone())
+        return torch.stack(out)
+
+    return reset, run
+
+
+register_mode("eager", _eager)
+register_mode("graph", _graph)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# timing
+
+
+def _time_steps(device: torch.device, reset, run, steps: int, reps: int) -> list[float]:
+    """Per-step times in µs of ``reps`` runs of ``steps`` steps each (reset between runs, untimed)."""
+    samples = []
+    for _ in range(reps):
+        reset()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(steps)
+            end.record()
+            torch.cuda.synchronize(device)
+            samples.append(start.elapsed_time(end) * 1e3 / steps)
+        else:
+            t0 = time.perf_counter()
+            run(steps)
+            samples.append((time.perf_counter() - t0) * 1e6 / steps)
+    return samples
+
+
+def measure(bench: DecodeBench, modes: list[str], copy_gbps: float | None, reps: int) -> list[dict]:
+    """One record per mode: step time (median µs, p20/p80), tokens/s, GB/s, x floor, tokens equal to eager's."""
+    records = []
+    reference = None
+    w_bytes, kv_bytes = bench.weight_bytes(), bench.kv_bytes()
+    for mode in modes:
+        rec = {"section": "decode-step", "model": bench.name, "batch": bench.batch, "mode": mode,
+               "dtype": str(bench.dtype).replace("torch.", ""), "prompt_len": bench.prompt_len, "steps": bench.steps,
+               "attn_backend": bench.model.attn_backend or "auto", "weight_bytes": w_bytes, "kv_bytes": kv_bytes}
+        records.append(rec)
+        try:
+            reset, run = _MODES[mode](bench)
+            reset()
+            with torch.no_grad():
+                tokens = run(bench.steps).cpu()  # also the warm-up
+            if reference is None:
+                reference = tokens
+                rec["tokens_equal_first_mode"] = True
+            else:
+                same = torch.equal(tokens, reference)
+                rec["tokens_equal_first_mode"] = same
+                if not same:
+                    diff = (tokens != reference).any(dim=1).nonzero()
+                    rec["first_differing_step"] = int(diff[0]) if len(diff) else None
+            with torch.no_grad():
+                samples = _time_steps(bench.device, reset, run, bench.steps, reps)
+        except Exception as exc:  # record and go on: one broken mode must not lose the others
+            rec.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:400])
+            continue
+        us = statistics.median(samples)
+        rec.update(status="ok", us_per_step=us, p20_us=_quantile(samples, 0.2), p80_us=_quantile(samples, 0.8),
+                   reps=reps, tokens_per_s=bench.batch / (us * 1e-6),
+                   achieved_gbps=(w_bytes + kv_bytes) / (us * 1e-6) / 1e9)
+        if copy_gbps:
+            floor_us = (w_bytes + kv_bytes) / (copy_gbps * 1e9) * 1e6
+            rec.update(floor_us=floor_us, x_floor=us / floor_us, fraction_of_copy=rec["achieved_gbps"] / copy_gbps)
+    return records
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def run(out_dir: str | Path, quick: bool = False, budget_seconds: float = 120.0, models: list[str] | None = None,
+        batches: list[int] | None = None, modes: list[str] | None = None, dtype: str | None = None,
+        attn: str | None = None) -> dict:
+    """Measure every (model, batch) in order until the budget is spent; writes DIR/decode.json after each case."""
+    t_start = time.monotonic()
+    deadline = t_start + budget_seconds
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if dtype is None:
+        dtype = "float16" if device.type == "cuda" else "float32"
+    torch_dtype = getattr(torch, dtype)
+    models = models or (["tiny"] if quick else ["bark-small", "bark"])
+    batches = batches or ([1, 2] if quick else [1, 8])
+    modes = modes or (["eager", "graph"] if device.type == "cuda" else ["eager"])
+    steps = 8 if quick else (64 if device.type == "cuda" else 16)
+    reps = 3 if quick else (10 if device.type == "cuda" else 3)
+    timer = timing.make_timer(device, quick=True)
+    copy_bytes = (1 << 30) if device.type == "cuda" else (64 << 20)
+    copy = timing.copy_bandwidth(device, timer, copy_bytes)
+    copy_gbps = copy["bandwidth"]["value"]
+    payload = {"schema": "bark-kernels-decode/1", "environment": report.environment(device),
+               "copy_bandwidth_gbps": copy_gbps, "copy_bytes": copy_bytes, "config": {
+                   "quick": quick, "budget_seconds": budget_seconds, "models": models, "batches": batches,
+                   "modes": modes, "steps_per_rep": steps, "reps": reps, "dtype": dtype, "attn": attn or "auto",
+                   "prompt_len": 256},
+               "records": [], "skipped": []}
+    path = out / "decode.json"
+    for name in models:
+        for batch in batches:
+            left = deadline - time.monotonic()
+            if left < 5:
+                payload["skipped"].append({"model": name, "batch": batch, "reason": f"budget: {left:.0f} s left"})
+                continue
+            try:
+                bench = build(name, batch, device, torch_dtype, prompt_len=256, steps=steps, attn=attn)
+            except Exception as exc:
+                payload["skipped"].append({"model": name, "batch": batch,
+                                           "reason": f"build failed: {type(exc).__name__}: {exc}"[:400]})
+                continue
+            payload["records"].extend(measure(bench, modes, copy_gbps, reps))
+            del bench
+            payload["wall_seconds"] = time.monotonic() - t_start
+            path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    payload["wall_seconds"] = time.monotonic() - t_start
+    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    return payload
+
+
+def table(payload: dict) -> str:
+    """A markdown table of the records."""
+    lines = [f"copy bandwidth {payload['copy_bandwidth_gbps']:.0f} GB/s (read + write) on "
+             f"{payload['environment'].get('device_name')}", "",
+             "| model | batch | mode | dtype | µs/step | x floor | GB/s | tokens/s | same tokens | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in payload["records"]:
+        if r.get("status") == "ok":
+            lines.append(f"| {r['model']} | {r['batch']} | {r['mode']} | {r['dtype']} | {r['us_per_step']:.1f} | "
+                         f"{r.get('x_floor', float('nan')):.2f} | {r['achieved_gbps']:.0f} | {r['tokens_per_s']:.0f} | "
+                         f"{r['tokens_equal_first_mode']} | ok |")
+        else:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['mode']} | {r['dtype']} | — | — | — | — | — | "
+                         f"{r.get('status')}: {r.get('reason', '')[:120]} |")
+    for s in payload["skipped"]:
+        lines.append(f"| {s['model']} | {s['batch']} | — | — | — | — | — | — | — | skipped: {s['reason'][:120]} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="directory for decode.json")
+    parser.add_argument("--quick", action="store_true", help="a tiny model and 8 steps (a smoke test)")
+    parser.add_argument("--budget", type=float, default=120.0, help="wall-clock budget in seconds")
+    parser.add_argument("--models", default=None, help="comma-separated: bark-small, bark, tiny")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
+    parser.add_argument("--modes", default=None, help=f"comma-separated, of {sorted(_MODES)}")
+    parser.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--attn", default=None, help="bark_kernels backend (default: automatic)")
+    args = parser.parse_args(argv)
+
+    def split(s):
+        return [x for x in s.split(",") if x] if s else None
+
+    batches = [int(b) for b in split(args.batches)] if args.batches else None
+    modes = split(args.modes)
+    for m in modes or []:
+        if m not in _MODES:
+            parser.error(f"--modes: unknown mode {m!r}; known: {sorted(_MODES)}")
+    payload = run(args.out, quick=args.quick, budget_seconds=args.budget, models=split(args.models),
+                  batches=batches, modes=modes, dtype=args.dtype, attn=args.attn)
+    print(table(payload))
+    failed = [r for r in payload["records"] if r.get("status") != "ok" or not r.get("tokens_equal_first_mode")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
