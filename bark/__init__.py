@@ -18,6 +18,7 @@ from .config import (
     bark_config,
     bark_small_config,
 )
+from .generation import StageEvent
 from .model import BarkModel
 
 try:  # the processor is optional at import time (it needs the tokenizers library)
@@ -38,6 +39,7 @@ except ImportError as _error:  # pragma: no cover - only without the optional de
 
 __all__ = [
     "BarkModel",
+    "StageEvent",
     "BarkProcessor",
     "BarkConfig",
     "BarkSemanticConfig",

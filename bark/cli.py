@@ -25,7 +25,6 @@ import tempfile
 import time
 import wave
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -406,105 +405,40 @@ class _StageStats:
 
 @dataclass
 class _Monitor:
-    """Wraps the sub-models' step methods (instance attributes, removed afterwards) to drive one tqdm bar per stage and
-    time the stages. A stage runs from its first call to the first call of the next stage (or the end of generate)."""
+    """generate's stage events (its ``callback``) -> one tqdm bar per stage, and each stage's time and tokens summed
+    over the batches of texts."""
 
-    model: object
-    device: object
-    semantic_total: int | None
     show: bool
     stats: dict = field(default_factory=lambda: {s: _StageStats() for s in _STAGES})
     _bar: object = None
-    _current: str | None = None
 
-    def _sync(self) -> None:
-        if getattr(self.device, "type", "cpu") == "cuda":
-            import torch
+    def __call__(self, event) -> None:
+        st = self.stats[event.stage]
+        if event.kind == "start":
+            st.ran = True
+            self.close()
+            if self.show:
+                from tqdm.auto import tqdm
 
-            torch.cuda.synchronize(self.device)
-
-    def _enter(self, stage: str) -> None:
-        if self._current == stage:
-            return
-        self._close_segment()
-        self._current = stage
-        st = self.stats[stage]
-        st.ran = True
-        st.segment_start = time.perf_counter()
-        if self.show:
-            from tqdm.auto import tqdm
-
-            total = self.semantic_total if stage == "semantic" else None
-            unit = {"semantic": "step", "coarse": "step", "fine": "pass", "codec": "row"}[stage]
-            self._bar = tqdm(
-                total=total, desc=f"{stage:<8}", unit=unit, leave=True, file=sys.stderr, dynamic_ncols=True
-            )
-        else:
-            self._bar = None
-
-    def _wrap(self, owner, name: str, stage: str, rows_of) -> None:
-        original = getattr(owner, name, None)
-        if original is None:
-            return
-
-        def wrapped(*args, **kwargs):
-            self._enter(stage)
-            out = original(*args, **kwargs)
-            st = self.stats[stage]
-            st.forwards += 1
-            st.tokens += rows_of(args, kwargs)
+                unit = {"semantic": "step", "coarse": "token", "fine": "pass", "codec": "row"}[event.stage]
+                self._bar = tqdm(total=event.total, desc=f"{event.stage:<8}", unit=unit, leave=True, file=sys.stderr,
+                                 dynamic_ncols=True)
+        elif event.kind == "progress":
             if self._bar is not None:
-                self._bar.update(1)
-            return out
+                self._bar.update(max(0, event.done - self._bar.n))
+        else:
+            st.seconds += event.seconds
+            st.forwards += event.done
+            if event.output is not None and event.stage in ("semantic", "coarse"):
+                st.tokens += sum(int(t.shape[-1]) for t in event.output)
+            if self._bar is not None:
+                self._bar.update(max(0, min(event.done, self._bar.total or event.done) - self._bar.n))
+            self.close()
 
-        setattr(owner, name, wrapped)
-        self._installed.append((owner, name))
-
-    def _close_segment(self) -> None:
-        self._sync()
-        now = time.perf_counter()
-        if self._current is not None:
-            st = self.stats[self._current]
-            st.seconds += now - st.segment_start
-            st.segment_start = None
-        self._current = None
+    def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-    def finish(self) -> None:
-        """End of one generate call: close the running stage."""
-        self._close_segment()
-
-    @contextmanager
-    def installed(self):
-        self._installed: list = []
-
-        def batch_of(args, kwargs):  # first positional argument: (B, ...) tensor or a list of B tensors
-            first = args[0] if args else next(iter(kwargs.values()))
-            return len(first) if isinstance(first, (list, tuple)) else int(first.shape[0])
-
-        def fine_rows(args, kwargs):  # hidden_states(codebook_idx, input_ids (B, T, n_codes))
-            ids = args[1] if len(args) > 1 else kwargs.get("input_ids")
-            return int(ids.shape[0])
-
-        m = self.model
-        for name in ("prefill", "prefill_varlen", "decode_step"):
-            self._wrap(m.semantic, name, "semantic", batch_of)
-            self._wrap(m.coarse_acoustics, name, "coarse", batch_of)
-        self._wrap(m.fine_acoustics, "hidden_states", "fine", fine_rows)
-        self._wrap(m.codec_model, "decode", "codec", batch_of)
-        try:
-            yield self
-        finally:
-            for owner, name in self._installed:
-                try:
-                    delattr(owner, name)
-                except AttributeError:
-                    pass
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
 
 
 def _backend_report(model, device, dtype) -> str:
@@ -598,10 +532,10 @@ def _run(args: argparse.Namespace) -> int:
     mode = "greedy" if args.greedy else f"sampling (seed {args.seed})"
     print(f"texts:  {len(texts)}  decoding: {mode}  semantic_max_new_tokens: {semantic_total}", flush=True)
 
-    monitor = _Monitor(model, device, semantic_total, show=not args.quiet)
+    monitor = _Monitor(show=not args.quiet)
     rows: list[np.ndarray] = []
     gen_s = 0.0
-    with monitor.installed():
+    try:
         for start in range(0, len(texts), args.batch_size):
             chunk = texts[start : start + args.batch_size]
             if loaded.processor is not None:
@@ -619,14 +553,16 @@ def _run(args: argparse.Namespace) -> int:
                     attention_mask=attention_mask.to(device),
                     history_prompt=history_prompt,
                     return_output_lengths=True,
+                    callback=monitor,
                     **gen_kwargs,
                 )
             except (ValueError, TypeError, BackendUnavailableError) as e:
                 raise SpeakError(f"generation failed: {e}") from None
-            monitor.finish()
             gen_s += time.perf_counter() - t1
             audio = audio.float().cpu().numpy()
             rows.extend(audio[b, : int(n)] for b, n in enumerate(lengths))
+    finally:
+        monitor.close()
 
     written = []
     for path, samples in zip(outputs, rows, strict=True):

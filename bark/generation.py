@@ -8,23 +8,26 @@ the EOS prioritizer, temperature, top-k (50 by default when sampling), top-p, lo
 Beyond the reference, every row of a batch is generated as if it were alone:
 
 * ``history_prompt`` may be one voice preset for the batch or a list with one preset (or None) per row;
-* a row stops where its own semantic EOS says (rows that finished are dropped from the batch, checked every
-  ``sync_every`` decode steps), its coarse and fine stages run to its own length only, and its audio is decoded
-  alone and zero-padded: no garbage tail, no compute on finished rows;
+* a row stops where its own semantic EOS says (a finished row stays in the batch, masked: its tokens are pad; the host
+  reads the finished mask every ``sync_every`` decode steps and stops when all rows are done), its coarse and fine
+  stages run to its own length only, and its audio is decoded alone and zero-padded: no garbage tail;
 * coarse windows whose rows hold different history lengths are prefilled packed through ``attention_varlen``;
   decode steps use per-row cache lengths;
 * a text whose semantic stage ends at once gives zero-length audio instead of an error.
 
-Prefill and decode are separate functions of the model (``prefill``/``prefill_varlen``/``decode_step``); a decode step
-reads nothing back from the device. Known quirks of the reference kept on purpose: the semantic ``min_eos_p`` of
-generation_config.json is ignored (only the keyword counts), and the fine stage samples whenever its temperature is not
-1.0 / None, whatever ``do_sample`` says.
+Decoding runs in prepared sessions (bark.session): per stage, one fixed-batch KV cache, the attention op resolved
+once, and a step that is one function of device tensors (embeddings -> layers -> norm -> lm-head slice -> logits
+processing -> sampling -> finished mask), replayed as a CUDA graph on a GPU. Stage events go to ``callback``.
+Known quirks of the reference kept on purpose: the semantic ``min_eos_p`` of generation_config.json is ignored (only
+the keyword counts), and the fine stage samples whenever its temperature is not 1.0 / None, whatever ``do_sample``
+says.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,13 +35,14 @@ import torch
 from torch.nn import functional as F
 
 from .config import BarkGenerationConfig
+from .session import DECODE_MODES, WARMUP_STEPS as _WARMUP_STEPS, DecodeSession
 
-__all__ = ["generate", "SamplingParams", "split_generate_kwargs"]
+__all__ = ["generate", "generate_tokens", "SamplingParams", "StageEvent", "split_generate_kwargs"]
 
 logger = logging.getLogger(__name__)
 
 _STAGE_KEYS = {
-    "semantic": {"do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "min_eos_p"},
+    "semantic": {"do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "min_new_tokens", "min_eos_p"},
     "coarse": {"do_sample", "temperature", "top_k", "top_p"},
     "fine": {"temperature"},
 }
@@ -78,6 +82,65 @@ def split_generate_kwargs(kwargs: Mapping) -> dict[str, dict]:
             if key in _STAGE_KEYS[stage]:
                 values.setdefault(key, value)
     return stages
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# stage events
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """What ``generate(..., callback=fn)`` reports: ``fn(event)`` at each stage's start, at progress points (semantic:
+    every ``sync_every`` steps; coarse: every window; fine: every pass) and at its end.
+
+    stage: "semantic", "coarse", "fine" or "codec"; kind: "start", "progress" or "end"; done: steps (semantic, coarse:
+    decode steps of the batch; fine: passes; codec: rows) so far; total: the most the stage can take (semantic:
+    max_new_tokens; coarse: the longest row's tokens; fine: passes; codec: rows); rows: batch rows; seconds: wall time
+    since the stage started (at "end", with the device synchronised: the stage's time); output: at the "end" of the
+    semantic, coarse and fine stages, what the stage produced for each row (semantic: (n_b,) tokens; coarse: (len_b,)
+    interleaved coarse-model ids; fine: (n_fine, frames_b) codes), else None.
+    """
+
+    stage: str
+    kind: str
+    done: int
+    total: int
+    rows: int
+    seconds: float
+    output: list | None = None
+
+
+class _Events:
+    """Sends StageEvents to a callback (nothing, and no device sync, when there is none)."""
+
+    def __init__(self, callback: Callable[[StageEvent], None] | None, device) -> None:
+        self.callback = callback
+        self.device = torch.device(device)
+        self._start: dict[str, tuple[float, int, int]] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self, stage: str, total: int, rows: int) -> None:
+        if self.callback is None:
+            return
+        self._sync()
+        self._start[stage] = (time.perf_counter(), total, rows)
+        self.callback(StageEvent(stage, "start", 0, total, rows, 0.0))
+
+    def progress(self, stage: str, done: int) -> None:
+        if self.callback is None or stage not in self._start:
+            return
+        t0, total, rows = self._start[stage]
+        self.callback(StageEvent(stage, "progress", done, total, rows, time.perf_counter() - t0))
+
+    def end(self, stage: str, done: int, output: list | None = None) -> None:
+        if self.callback is None or stage not in self._start:
+            return
+        self._sync()
+        t0, total, rows = self._start.pop(stage)
+        self.callback(StageEvent(stage, "end", done, total, rows, time.perf_counter() - t0, output))
 
 
 @dataclass(frozen=True)
@@ -238,62 +301,133 @@ def semantic_input_embeds(model, input_ids: torch.Tensor, attention_mask: torch.
     return torch.cat([embed(ids) + embed(history), embed(infer)], dim=1)  # (B, n + 1, C)
 
 
+class _TokenRecord:
+    """Static per-stage state on the device: the tokens picked so far (B, width), the next column, the finished
+    mask. Written in place by the heads (so a captured step keeps writing into the same memory)."""
+
+    def __init__(self, batch: int, width: int, fill: int, device) -> None:
+        self.tokens = torch.full((batch, width), fill, dtype=torch.long, device=device)  # (B, width)
+        self.col = torch.zeros((), dtype=torch.long, device=device)  # next column to write
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
+        self.fill = fill
+
+    def record(self, nxt: torch.Tensor) -> None:
+        """nxt (B,) -> tokens[:, col]; col += 1 (device index: no host value enters the step)."""
+        self.tokens.index_copy_(1, self.col.view(1), nxt[:, None])
+        self.col.add_(1)
+
+    def reset(self) -> None:
+        self.tokens.fill_(self.fill)
+        self.col.zero_()
+        self.finished.zero_()
+
+    def snapshot(self) -> tuple:
+        return self.tokens.clone(), self.col.clone(), self.finished.clone()
+
+    def restore(self, state: tuple) -> None:
+        for dst, src in zip((self.tokens, self.col, self.finished), state, strict=True):
+            dst.copy_(src)
+
+
+class _SemanticHead:
+    """hidden (B, C) -> next semantic tokens (B,): the lm-head rows that can be picked, suppressed ids, the
+    min-new-tokens EOS block, the EOS prioritizer, sampling/argmax, then pad for finished rows; records the token
+    and updates the finished mask. Static shapes, no host read."""
+
+    def __init__(self, semantic, record: _TokenRecord, gen: BarkGenerationConfig, params: SamplingParams,
+                 min_eos_p: float | None, min_new_tokens: int, generator) -> None:
+        cfg = gen.semantic_config
+        self.record = record
+        self.vocab = semantic.config.output_vocab_size
+        self.eos, self.pad = cfg.eos_token_id, cfg.semantic_pad_token
+        self.n_allowed = max(cfg.semantic_vocab_size, self.pad) + 1  # logits computed for ids 0 .. n_allowed-1 only
+        self.weight = semantic.lm_head.weight[: self.n_allowed]  # (n_allowed, C) view
+        device = self.weight.device
+        self.suppressed = None
+        if self.pad > cfg.semantic_vocab_size:
+            self.suppressed = torch.zeros(self.n_allowed, dtype=torch.bool, device=device)
+            self.suppressed[cfg.semantic_vocab_size:self.pad] = True
+        self.params, self.generator = params, generator
+        self.min_eos_p, self.min_new_tokens = min_eos_p, min_new_tokens
+
+    @property
+    def eager_pick(self) -> bool:
+        """Sampling with an explicit torch.Generator: torch.compile cannot trace the draw, so it runs outside."""
+        return self.params.do_sample and self.generator is not None
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, C) -> processed scores (B, vocab) float32, -inf where a token cannot be picked."""
+        logits = F.linear(hidden, self.weight).float()  # (B, n_allowed)
+        scores = torch.full((logits.shape[0], self.vocab), -float("inf"), dtype=torch.float32, device=logits.device)
+        scores[:, : self.n_allowed] = logits
+        if self.suppressed is not None:
+            scores[:, : self.n_allowed].masked_fill_(self.suppressed, -float("inf"))
+        eos = self.eos
+        if self.min_new_tokens:  # transformers' MinNewTokensLength: no EOS before min_new_tokens new tokens
+            scores[:, eos] = torch.where(self.record.col < self.min_new_tokens, -float("inf"), scores[:, eos])
+        if self.min_eos_p:
+            probs = scores.softmax(dim=-1)
+            only_eos = torch.full_like(scores, -float("inf"))
+            only_eos[:, eos] = scores[:, eos]
+            scores = torch.where((probs[:, eos] > self.min_eos_p)[:, None], only_eos, scores)
+        return scores
+
+    def pick(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores (B, vocab) -> next tokens (B,): sampling/argmax, pad for finished rows, recorded."""
+        nxt = select_tokens(scores, self.params, self.generator)  # (B,)
+        nxt = nxt.masked_fill(self.record.finished, self.pad)
+        self.record.record(nxt)
+        self.record.finished.logical_or_(nxt == self.eos)
+        return nxt
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.pick(self.scores(hidden))
+
+    def snapshot(self):
+        return self.record.snapshot()
+
+    def restore(self, state) -> None:
+        self.record.restore(state)
+
+
 def generate_semantic(model, input_embeds: torch.Tensor, gen: BarkGenerationConfig, params: SamplingParams,
                       max_new_tokens: int, min_eos_p: float | None, sync_every: int = 16,
-                      generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """Semantic tokens of each row up to (excluding) its EOS: list of B long tensors (n_b,)."""
+                      generator: torch.Generator | None = None, decode_mode: str = "auto",
+                      events: _Events | None = None, min_new_tokens: int = 0) -> list[torch.Tensor]:
+    """Semantic tokens of each row up to (excluding) its EOS: list of B long tensors (n_b,).
+
+    One decode session for the whole stage: rows that reached EOS stay in the batch, masked (their tokens are pad);
+    the host reads the finished mask every ``sync_every`` steps and stops when every row is done."""
     cfg = gen.semantic_config
     semantic = model.semantic
     batch, prompt_len, _ = input_embeds.shape
     device = input_embeds.device
-    vocab = semantic.config.output_vocab_size
-    eos = cfg.eos_token_id
     pad = cfg.semantic_pad_token
-    n_allowed = max(cfg.semantic_vocab_size, pad) + 1  # logits computed for ids 0 .. n_allowed-1 only
+    events = events or _Events(None, device)
     if max_new_tokens < 1:
         return [torch.zeros(0, dtype=torch.long, device=device) for _ in range(batch)]
     if prompt_len + max_new_tokens - 1 > semantic.config.block_size:
         raise ValueError(f"semantic_max_new_tokens: {max_new_tokens} new tokens after {prompt_len} prompt positions "
                          f"exceed the semantic model's block_size {semantic.config.block_size}")
-    suppressed_inside = None
-    if pad > cfg.semantic_vocab_size:
-        suppressed_inside = torch.zeros(n_allowed, dtype=torch.bool, device=device)
-        suppressed_inside[cfg.semantic_vocab_size:pad] = True
-
-    cache = semantic.new_cache(batch, prompt_len + max_new_tokens - 1)
-    tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)  # (B, max_new)
-    rows = torch.arange(batch, device=device)  # batch rows still in the cache
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # of the rows in the cache
-    hidden = semantic.prefill(input_embeds, cache)  # (B, C)
-    for step in range(max_new_tokens):
-        logits = semantic.lm_logits(hidden, 0, n_allowed).float()  # (B', n_allowed)
-        scores = torch.full((logits.shape[0], vocab), -float("inf"), dtype=torch.float32, device=device)
-        scores[:, :n_allowed] = logits
-        if suppressed_inside is not None:
-            scores[:, :n_allowed].masked_fill_(suppressed_inside, -float("inf"))
-        if min_eos_p:
-            probs = scores.softmax(dim=-1)
-            only_eos = torch.full_like(scores, -float("inf"))
-            only_eos[:, eos] = scores[:, eos]
-            scores = torch.where((probs[:, eos] > min_eos_p)[:, None], only_eos, scores)
-        nxt = select_tokens(scores, params, generator)  # (B',)
-        nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
-        tokens[rows, step] = nxt
-        finished = finished | (nxt == eos)
-        if step == max_new_tokens - 1:
-            break
-        if (step + 1) % sync_every == 0:
-            done = finished.tolist()  # the only host sync of this loop, every sync_every steps
-            if all(done):
+    record = _TokenRecord(batch, max_new_tokens + _WARMUP_STEPS, pad, device)  # slack: warm-up steps write too
+    head = _SemanticHead(semantic, record, gen, params, min_eos_p, min_new_tokens, generator)
+    session = DecodeSession(semantic, batch, prompt_len + max_new_tokens - 1, [head], decode_mode,
+                            generators=[generator])
+    events.start("semantic", total=max_new_tokens, rows=batch)
+    session.prefill(input_embeds)
+    steps = 1
+    for step in range(1, max_new_tokens):
+        if step % sync_every == 0:
+            if all(record.finished.tolist()):  # the only host sync of this loop, every sync_every steps
                 break
-            if any(done):
-                keep = [i for i, d in enumerate(done) if not d]
-                cache.select_rows(keep)
-                keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-                rows, finished, nxt = rows[keep_t], finished[keep_t], nxt[keep_t]
-        hidden = semantic.decode_step(nxt, cache)
+            events.progress("semantic", step)
+        session.step()
+        steps += 1
+    tokens = record.tokens[:, :max_new_tokens]
     lengths = (tokens != pad).sum(dim=1).tolist()  # tokens before EOS (EOS and what follows are pad)
-    return [tokens[b, :n] for b, n in enumerate(lengths)]
+    out = [tokens[b, :n] for b, n in enumerate(lengths)]
+    events.end("semantic", steps, out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -325,10 +459,52 @@ def coarse_lengths(semantic_lengths: Sequence[int], gen: BarkGenerationConfig) -
     return torch.round(out * n_coarse).int().tolist()
 
 
+class _CoarseHead:
+    """hidden (B, C) -> next coarse tokens (B,) of codebook ``n`` (logits only over that codebook's rows of the lm
+    head, every other id -inf), then sampling/argmax; records the token. One per codebook: the step variants."""
+
+    def __init__(self, coarse, record: _TokenRecord, bounds: tuple[int, int], params: SamplingParams,
+                 generator) -> None:
+        self.record = record
+        self.lo, self.hi = bounds
+        self.vocab = coarse.config.output_vocab_size
+        self.weight = coarse.lm_head.weight[self.lo:self.hi]  # (hi - lo, C) view
+        self.params, self.generator = params, generator
+
+    @property
+    def eager_pick(self) -> bool:
+        return self.params.do_sample and self.generator is not None
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight).float()  # (B, hi - lo)
+        scores = torch.full((logits.shape[0], self.vocab), -float("inf"), dtype=torch.float32, device=logits.device)
+        scores[:, self.lo:self.hi] = logits
+        return scores
+
+    def pick(self, scores: torch.Tensor) -> torch.Tensor:
+        nxt = select_tokens(scores, self.params, self.generator)  # (B,)
+        self.record.record(nxt)
+        return nxt
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.pick(self.scores(hidden))
+
+    def snapshot(self):
+        return self.record.snapshot()
+
+    def restore(self, state) -> None:
+        self.record.restore(state)
+
+
 def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[dict | None],
-                    gen: BarkGenerationConfig, params: SamplingParams,
-                    generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """Coarse tokens of each row (interleaved codebooks, coarse-model ids): list of B long tensors (len_b,)."""
+                    gen: BarkGenerationConfig, params: SamplingParams, generator: torch.Generator | None = None,
+                    decode_mode: str = "auto", events: _Events | None = None) -> list[torch.Tensor]:
+    """Coarse tokens of each row (interleaved codebooks, coarse-model ids): list of B long tensors (len_b,).
+
+    One decode session (one preallocated cache) for every window: each window re-prefills its history (as
+    transformers does, so the tokens are the same) and decodes up to ``sliding_window_len`` tokens. Rows keep their
+    place in the batch: a row whose window is shorter, or that has no window left, is masked (a one-token dummy
+    prompt, its tokens ignored)."""
     sem_cfg, cfg = gen.semantic_config, gen.coarse_acoustics_config
     coarse = model.coarse_acoustics
     device = model.device
@@ -337,7 +513,12 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
     ratio = gen.semantic_to_coarse_ratio
     max_sem_hist = gen.max_semantic_history
     window = cfg.sliding_window_len
+    n_codebooks = cfg.n_coarse_codebooks
+    events = events or _Events(None, device)
+    batch = len(semantic_tokens)
     lengths = coarse_lengths([t.shape[0] for t in semantic_tokens], gen)
+    if not any(n > 0 for n in lengths):
+        return [torch.zeros(0, dtype=torch.long, device=device) for _ in semantic_tokens]
     hist = [_coarse_history(h, gen, device) for h in histories]
     streams = [torch.cat([hs, t]) for (hs, _), t in zip(hist, semantic_tokens, strict=True)]  # history + semantic tokens
     base = [hs.shape[0] for hs, _ in hist]
@@ -345,51 +526,53 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
     generated = [[] for _ in semantic_tokens]
     # codebook n's logits: [semantic_vocab + n * cb, semantic_vocab + (n + 1) * cb); the last one runs to the end.
     bounds = [(sem_cfg.semantic_vocab_size + n * cb,
-               sem_cfg.semantic_vocab_size + (n + 1) * cb if n < cfg.n_coarse_codebooks - 1 else vocab)
-              for n in range(cfg.n_coarse_codebooks)]
+               sem_cfg.semantic_vocab_size + (n + 1) * cb if n < n_codebooks - 1 else vocab)
+              for n in range(n_codebooks)]
     infer = torch.tensor([cfg.coarse_infer_token], dtype=torch.long, device=device)
+    longest_prompt = cfg.max_coarse_input_length + 1 + cfg.max_coarse_history
+    max_seqlen = min(longest_prompt + window - 1, coarse.config.block_size)
+    record = _TokenRecord(batch, window + _WARMUP_STEPS, 0, device)  # slack: warm-up steps write too
+    heads = [_CoarseHead(coarse, record, bounds[n], params, generator) for n in range(n_codebooks)]
+    session = DecodeSession(coarse, batch, max_seqlen, heads, decode_mode, generators=[generator])
+    events.start("coarse", total=max(lengths), rows=batch)
     total = 0
+    steps_done = 0
     while True:
         active = [b for b, n in enumerate(lengths) if n > total]
         if not active:
             break
         inputs = []
-        for b in active:
+        for b in range(batch):
+            if b not in active:
+                inputs.append(infer)  # a masked row: one position, its tokens ignored
+                continue
             idx = base[b] + int(round(total / ratio))
             win = streams[b][max(0, idx - max_sem_hist):][: cfg.max_coarse_input_length]
             win = F.pad(win, (0, cfg.max_coarse_input_length - win.shape[0]), value=cfg.coarse_semantic_pad_token)
             inputs.append(torch.cat([win, infer, x_coarse[b][-cfg.max_coarse_history:]]))
-        need = [min(window, lengths[b] - total) for b in active]
+        need = [min(window, lengths[b] - total) if b in active else 0 for b in range(batch)]
         in_lens = [x.shape[0] for x in inputs]
-        cache = coarse.new_cache(len(active), max(in_lens) + max(need) - 1)
+        steps = max(need)
+        if max(in_lens) + steps - 1 > max_seqlen:
+            raise ValueError(f"coarse window: {max(in_lens)} prompt positions + {steps} new tokens exceed the coarse "
+                             f"model's block_size {coarse.config.block_size}")
+        record.reset()
         if len(set(in_lens)) == 1:
-            hidden = coarse.prefill(coarse.embed(torch.stack(inputs)), cache)  # (B', C)
+            session.prefill(coarse.embed(torch.stack(inputs)))  # (B, T, C)
         else:
-            hidden = coarse.prefill_varlen([coarse.embed(x) for x in inputs], cache)
-        rows = list(range(len(active)))  # positions in `active` of the rows still in the cache
-        outs = [[] for _ in active]
-        for step in range(max(need)):
-            lo, hi = bounds[step % cfg.n_coarse_codebooks]
-            scores = torch.full((len(rows), vocab), -float("inf"), dtype=torch.float32, device=device)
-            scores[:, lo:hi] = coarse.lm_logits(hidden, lo, hi).float()
-            nxt = select_tokens(scores, params, generator)  # (B',)
-            for i, r in enumerate(rows):
-                outs[r].append(nxt[i: i + 1])
-            if step == max(need) - 1:
-                break
-            keep = [i for i, r in enumerate(rows) if need[r] > step + 1]
-            if len(keep) < len(rows):  # rows whose window is complete leave the batch (host-known, no sync)
-                cache.select_rows(keep)
-                keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-                nxt = nxt[keep_t]
-                rows = [rows[i] for i in keep]
-            hidden = coarse.decode_step(nxt, cache)
-        for r, b in enumerate(active):
-            new = torch.cat(outs[r])
+            session.prefill([coarse.embed(x) for x in inputs])
+        for step in range(1, steps):
+            session.step(step % n_codebooks)
+        steps_done += steps
+        for b in active:
+            new = record.tokens[b, : need[b]].clone()
             generated[b].append(new)
             x_coarse[b] = torch.cat([x_coarse[b], new])
         total += window
-    return [torch.cat(g) if g else torch.zeros(0, dtype=torch.long, device=device) for g in generated]
+        events.progress("coarse", min(total, max(lengths)))
+    out = [torch.cat(g) if g else torch.zeros(0, dtype=torch.long, device=device) for g in generated]
+    events.end("coarse", steps_done, out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -397,7 +580,8 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
 
 
 def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict | None], gen: BarkGenerationConfig,
-                  temperature: float | None, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                  temperature: float | None, generator: torch.Generator | None = None,
+                  events: _Events | None = None) -> list[torch.Tensor]:
     """Codes of all codebooks of each row: list of B long tensors (n_fine_codebooks, frames_b)."""
     sem_cfg, c_cfg, cfg = gen.semantic_config, gen.coarse_acoustics_config, gen.fine_acoustics_config
     fine = model.fine_acoustics
@@ -421,6 +605,9 @@ def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict
         n_loops = max(0, int(np.ceil((frames - (win - n_hist)) / hist_max))) + 1
         rows.append(dict(buf=buf, n_hist=n_hist, frames=frames, n_loops=n_loops if frames > 0 else 0))
     max_loops = max((r["n_loops"] for r in rows), default=0)
+    events = events or _Events(None, device)
+    passes = max_loops * (n_fine - n_coarse)
+    events.start("fine", total=passes, rows=len(rows))
     for n_outer in range(max_loops):
         active = [r for r in rows if r["n_loops"] > n_outer]
         starts, fills, rels = [], [], []
@@ -451,12 +638,14 @@ def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict
                         for i, rel in enumerate(rels)])
             old = window[:, rel_min:, n_inner]
             window[:, rel_min:, n_inner] = torch.where(keep_old, old, preds)
+            events.progress("fine", n_outer * (n_fine - n_coarse) + n_inner - n_coarse + 1)
         for r, fill, rel, w in zip(active, fills, rels, window, strict=True):
             r["buf"][fill: fill + (win - rel), n_coarse:] = w[rel:, n_coarse:]
     out = []
     for r in rows:
         codes = r["buf"][r["n_hist"]: r["n_hist"] + r["frames"]]  # (frames, n_fine)
         out.append(codes.transpose(0, 1).contiguous())  # (n_fine, frames)
+    events.end("fine", passes, out)
     return out
 
 
@@ -464,9 +653,19 @@ def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict
 # stage 4: codec, and the whole pipeline
 
 
-def decode_audio(model, fine_codes: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+def decode_audio(model, fine_codes: list[torch.Tensor], events: _Events | None = None) -> tuple[torch.Tensor,
+                                                                                                 list[int]]:
     """Audio (B, max_samples), zero-padded, and each row's length in samples. Rows of equal length are decoded
     together (as transformers does); otherwise each row alone (the LSTM must not see another row's padding)."""
+    events = events or _Events(None, model.device)
+    events.start("codec", total=len(fine_codes), rows=len(fine_codes))
+    try:
+        return _decode_audio(model, fine_codes)
+    finally:
+        events.end("codec", len(fine_codes))
+
+
+def _decode_audio(model, fine_codes: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     codec = model.codec_model
     frames = [c.shape[1] for c in fine_codes]
     hop = codec.hop_length
@@ -481,24 +680,16 @@ def decode_audio(model, fine_codes: list[torch.Tensor]) -> tuple[torch.Tensor, l
     audio = torch.zeros(batch, max(lengths, default=0), dtype=dtype, device=model.device)
     for b, p in enumerate(pieces):
         audio[b, : p.shape[0]] = p
-    assert all(n == f * hop for n, f in zip(lengths, frames, strict=True))
+    if any(n != f * hop for n, f in zip(lengths, frames, strict=True)):
+        raise RuntimeError(f"codec: decoded lengths {lengths} are not frames x hop ({frames} x {hop})")
     return audio, lengths
 
 
-@torch.no_grad()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, history_prompt=None,
-             return_output_lengths: bool = False, sync_every: int = 16, generator: torch.Generator | None = None,
-             **kwargs):
-    """Text token ids (B, T) -> audio (B, samples) [, lengths (list of B ints) when return_output_lengths].
-
-    kwargs as transformers: do_sample, temperature, top_k, top_p, min_eos_p, max_new_tokens (semantic), each optionally
-    prefixed with semantic_/coarse_/fine_. ``history_prompt``: a voice preset dict, or a list with one per row.
-    ``generator`` (ours): a torch.Generator for sampling (default: torch's global RNG, seed with torch.manual_seed).
-    """
+def _check_inputs(input_ids, attention_mask, sync_every, decode_mode, callback) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] < 1:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids: expected a tensor of shape (batch, seqlen) with batch >= 1, got {got}")
-    if input_ids.is_floating_point():
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids: expected integer token ids, got {input_ids.dtype}")
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
                                        or attention_mask.shape != input_ids.shape):
@@ -506,51 +697,71 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (that of input_ids), got {got}")
     if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
         raise ValueError(f"sync_every: expected an int >= 1, got {sync_every!r}")
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode: expected one of {list(DECODE_MODES)}, got {decode_mode!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable taking a bark.StageEvent, got {type(callback).__name__}")
+
+
+@torch.no_grad()
+def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, history_prompt=None,
+                    sync_every: int = 16, generator: torch.Generator | None = None, decode_mode: str = "auto",
+                    callback: Callable[[StageEvent], None] | None = None, events: _Events | None = None,
+                    **kwargs) -> dict:
+    """Every stage's tokens: semantic (list of (n_b,)), coarse (list of (len_b,)), fine (list of (n_fine, frames_b)).
+
+    Same arguments and checks as :func:`generate` (which decodes these fine codes to audio)."""
+    _check_inputs(input_ids, attention_mask, sync_every, decode_mode, callback)
     gen = model.generation_config
     min_eos_p_plain = kwargs.pop("min_eos_p", None)
     stages = split_generate_kwargs(kwargs)
     sem_kw, coarse_kw, fine_kw = stages["semantic"], stages["coarse"], stages["fine"]
     min_eos_p = sem_kw.get("min_eos_p", min_eos_p_plain)
-    if min_eos_p is not None and not (isinstance(min_eos_p, (int, float)) and min_eos_p > 0):
+    if min_eos_p is not None and (isinstance(min_eos_p, bool) or not isinstance(min_eos_p, (int, float))
+                                  or not min_eos_p > 0):
         raise ValueError(f"min_eos_p: expected a float > 0 or None, got {min_eos_p!r}")
     max_new = sem_kw.get("max_new_tokens", gen.semantic_config.max_new_tokens)
     if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 0:
         raise ValueError(f"semantic_max_new_tokens: expected an int >= 0, got {max_new!r}")
+    min_new = sem_kw.get("min_new_tokens", 0) or 0
+    if isinstance(min_new, bool) or not isinstance(min_new, int) or min_new < 0:
+        raise ValueError(f"semantic_min_new_tokens: expected an int >= 0, got {min_new!r}")
     sem_params = SamplingParams.resolve("semantic", gen.semantic_config, sem_kw)
     coarse_params = SamplingParams.resolve("coarse", gen.coarse_acoustics_config, coarse_kw)
     fine_temperature = fine_kw.get("temperature", gen.fine_acoustics_config.temperature)
-
+    device = model.device
+    events = events if events is not None else _Events(callback, device)
     batch = input_ids.shape[0]
-    histories = _normalize_histories(history_prompt, batch, gen, model.device)
+    histories = _normalize_histories(history_prompt, batch, gen, device)
     embeds = semantic_input_embeds(model, input_ids, attention_mask, histories, gen)
-    semantic_tokens = generate_semantic(model, embeds, gen, sem_params, max_new, min_eos_p, sync_every, generator)
-    coarse_tokens = generate_coarse(model, semantic_tokens, histories, gen, coarse_params, generator)
-    fine_codes = generate_fine(model, coarse_tokens, histories, gen, fine_temperature, generator)
-    audio, lengths = decode_audio(model, fine_codes)
+    semantic = generate_semantic(model, embeds, gen, sem_params, max_new, min_eos_p, sync_every, generator,
+                                 decode_mode, events, min_new)
+    coarse = generate_coarse(model, semantic, histories, gen, coarse_params, generator, decode_mode, events)
+    fine = generate_fine(model, coarse, histories, gen, fine_temperature, generator, events)
+    return {"semantic": semantic, "coarse": coarse, "fine": fine}
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, history_prompt=None,
+             return_output_lengths: bool = False, sync_every: int = 16, generator: torch.Generator | None = None,
+             decode_mode: str = "auto", callback: Callable[[StageEvent], None] | None = None, **kwargs):
+    """Text token ids (B, T) -> audio (B, samples) [, lengths (list of B ints) when return_output_lengths].
+
+    kwargs as transformers: do_sample, temperature, top_k, top_p, min_eos_p, max_new_tokens and min_new_tokens
+    (semantic), each optionally prefixed with semantic_/coarse_/fine_. ``history_prompt``: a voice preset dict, or a
+    list with one per row.
+
+    Ours: ``generator`` (a torch.Generator for sampling; default torch's global RNG, seed with torch.manual_seed);
+    ``sync_every`` (the semantic stage reads its finished mask every that many steps); ``decode_mode`` (how decode steps
+    run: "auto", "eager", "graph" (CUDA graphs) or "compile"; see bark.session); ``callback`` (called with a
+    :class:`StageEvent` at each stage's start, progress points and end).
+    """
+    _check_inputs(input_ids, attention_mask, sync_every, decode_mode, callback)
+    events = _Events(callback, model.device)
+    out = generate_tokens(model, input_ids, attention_mask=attention_mask, history_prompt=history_prompt,
+                          sync_every=sync_every, generator=generator, decode_mode=decode_mode, events=events,
+                          **kwargs)
+    audio, lengths = decode_audio(model, out["fine"], events)
     if return_output_lengths:
         return audio, lengths
     return audio
-
-
-def generate_tokens(model, input_ids, attention_mask=None, history_prompt=None, **kwargs) -> dict:
-    """Like :func:`generate` but returns every stage's tokens (for tests and benchmarks): semantic (list of (n_b,)),
-    coarse (list of (len_b,)), fine (list of (n_fine, frames_b))."""
-    gen = model.generation_config
-    with torch.no_grad():
-        min_eos_p_plain = kwargs.pop("min_eos_p", None)
-        sync_every = kwargs.pop("sync_every", 16)
-        generator = kwargs.pop("generator", None)
-        stages = split_generate_kwargs(kwargs)
-        sem_kw = stages["semantic"]
-        min_eos_p = sem_kw.get("min_eos_p", min_eos_p_plain)
-        max_new = sem_kw.get("max_new_tokens", gen.semantic_config.max_new_tokens)
-        histories = _normalize_histories(history_prompt, input_ids.shape[0], gen, model.device)
-        embeds = semantic_input_embeds(model, input_ids, attention_mask, histories, gen)
-        sem = generate_semantic(model, embeds, gen, SamplingParams.resolve("semantic", gen.semantic_config, sem_kw),
-                                max_new, min_eos_p, sync_every, generator)
-        coarse = generate_coarse(model, sem, histories, gen,
-                                 SamplingParams.resolve("coarse", gen.coarse_acoustics_config, stages["coarse"]),
-                                 generator)
-        fine = generate_fine(model, coarse, histories, gen,
-                             stages["fine"].get("temperature", gen.fine_acoustics_config.temperature), generator)
-    return {"semantic": sem, "coarse": coarse, "fine": fine}

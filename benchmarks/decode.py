@@ -175,8 +175,50 @@ def _graph(bench: DecodeBench):
     return reset, run
 
 
+def _session(mode: str):
+    """A prepared decode session (bark.session) with the real semantic head (logits processing, greedy pick, finished
+    mask, token record): what generate runs."""
+
+    def builder(bench: DecodeBench):
+        from bark.config import bark_config, bark_small_config
+        from bark.generation import SamplingParams, _SemanticHead, _TokenRecord
+        from bark.session import WARMUP_STEPS, DecodeSession
+
+        gen = (bark_config() if bench.name == "bark" else bark_small_config()).generation_config
+        if bench.name == "tiny":  # ids inside the tiny vocabulary (the pad is the EOS)
+            gen.semantic_config.semantic_vocab_size = bench.n_allowed - 1
+            gen.semantic_config.eos_token_id = bench.n_allowed - 1
+        pad = gen.semantic_config.semantic_pad_token
+        record = _TokenRecord(bench.batch, bench.steps + 1 + WARMUP_STEPS, pad, bench.device)
+        head = _SemanticHead(bench.model, record, gen, SamplingParams(), None, 0, None)
+        session = DecodeSession(bench.model, bench.batch, bench.max_seqlen, [head], mode)
+        session.prefill(bench.prompt_embeds)
+        if session.fallback:
+            raise RuntimeError(f"capture fell back to eager: {session.fallback}")
+        first = session.tokens.clone()
+        prompt = [bench.prompt_len] * bench.batch
+
+        def reset():
+            session.cache.set_lengths(prompt)
+            session.tokens.copy_(first)
+            record.reset()
+            record.col.fill_(1)
+
+        def run(n: int) -> torch.Tensor:
+            for _ in range(n):
+                session.step()
+            return record.tokens[:, 1:n + 1].transpose(0, 1)  # (n, B)
+
+        return reset, run
+
+    return builder
+
+
 register_mode("eager", _eager)
 register_mode("graph", _graph)
+register_mode("session-eager", _session("eager"))
+register_mode("session-graph", _session("graph"))
+register_mode("session-compile", _session("compile"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -264,7 +306,8 @@ def run(out_dir: str | Path, quick: bool = False, budget_seconds: float = 120.0,
     torch_dtype = getattr(torch, dtype)
     models = models or (["tiny"] if quick else ["bark-small", "bark"])
     batches = batches or ([1, 2] if quick else [1, 8])
-    modes = modes or (["eager", "graph"] if device.type == "cuda" else ["eager"])
+    modes = modes or (["eager", "session-eager", "graph", "session-graph"] if device.type == "cuda"
+                      else ["eager", "session-eager"])
     steps = 8 if quick else (64 if device.type == "cuda" else 16)
     reps = 3 if quick else (10 if device.type == "cuda" else 3)
     timer = timing.make_timer(device, quick=True)

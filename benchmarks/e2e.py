@@ -28,12 +28,11 @@ import torch
 logger = logging.getLogger("benchmarks")
 
 EOS_METHOD = (
-    "Greedy decoding in both. EOS suppressed identically: transformers gets `semantic_min_new_tokens=N, "
-    "semantic_max_new_tokens=N` (its MinNewTokensLength processor sets the EOS score (id 10_000) to -inf for the first "
-    "N tokens); ours gets `semantic_max_new_tokens=N` and, when its generate accepts it, `semantic_min_new_tokens=N`, "
-    "else the harness sets the EOS score to -inf before each semantic token selection (the same operation). "
-    "min_eos_p stays None; coarse and fine lengths follow from N, so both produce the same audio length (checked per "
-    "run: same_audio_length_as_transformers)."
+    "Greedy decoding in both. EOS suppressed identically: both get `semantic_min_new_tokens=N, "
+    "semantic_max_new_tokens=N` (transformers' MinNewTokensLength processor and ours set the EOS score (id 10_000) to "
+    "-inf for the first N tokens). min_eos_p stays None; coarse and fine lengths follow from N, so both produce the "
+    "same audio length (checked per run: same_audio_length_as_transformers). Stage times: transformers' sub-model "
+    "generate calls timed (device synchronised around each); ours from generate's stage events (callback)."
 )
 
 
@@ -259,70 +258,19 @@ def generate_hf(model, input_ids, attention_mask, semantic_tokens: int, clock: S
                                   semantic_min_new_tokens=semantic_tokens, semantic_max_new_tokens=semantic_tokens)
 
 
-def ours_native_min_new_tokens() -> bool:
-    """Whether our generate accepts ``semantic_min_new_tokens`` itself."""
-    import bark.generation as gen
-
-    return "min_new_tokens" in getattr(gen, "_STAGE_KEYS", {}).get("semantic", ())
-
-
 def generate_ours(model, input_ids, attention_mask, semantic_tokens: int, clock: StageClock):
-    """Our BarkModel.generate with the same settings, each stage timed through its function in bark.generation.
+    """Our BarkModel.generate with the same settings: EOS suppressed with ``semantic_min_new_tokens`` (what transformers
+    gets too), each stage timed and its tokens kept through generate's stage events (``callback``)."""
 
-    EOS: ``semantic_min_new_tokens`` when our generate accepts it; otherwise the harness does what transformers'
-    MinNewTokensLength processor does, in the semantic stage only: the EOS score is set to -inf before each token
-    selection (a wrapper around ``bark.generation.select_tokens`` while ``generate_semantic`` runs).
-    """
-    import bark.generation as gen
+    def on_event(event) -> None:
+        if event.kind == "end":
+            clock.seconds[event.stage] = clock.seconds.get(event.stage, 0.0) + event.seconds
+            if event.output is not None:
+                clock.outputs[event.stage] = event.output
 
-    kwargs = {"semantic_max_new_tokens": semantic_tokens}
-    native = ours_native_min_new_tokens()
-    if not native and not all(hasattr(gen, a) for a in ("generate_semantic", "select_tokens")):
-        raise RuntimeError("cannot suppress EOS identically: bark's generate accepts no semantic_min_new_tokens and "
-                           "bark.generation has no generate_semantic/select_tokens to apply the same operation to")
-    original_semantic = getattr(gen, "generate_semantic", None)
-    semantic_fn = original_semantic
-    if native:
-        kwargs["semantic_min_new_tokens"] = semantic_tokens
-    else:
-        eos = model.generation_config.semantic_config.eos_token_id
-        original_select = gen.select_tokens
-
-        def select_without_eos(scores, *args, **kw):
-            # A copy with column `eos` set to -inf through a plain slice: no index tensor is built per step (a
-            # torch.tensor(..., device="cuda") each step is a blocking host-to-device copy, a sync per token).
-            scores = scores.clone()
-            scores[:, eos] = -float("inf")
-            return original_select(scores, *args, **kw)
-
-        def semantic_no_eos(*args, **kw):
-            with _patched_module(gen, "select_tokens", select_without_eos):
-                return original_semantic(*args, **kw)
-
-        semantic_fn = semantic_no_eos
-    with contextlib.ExitStack() as stack:
-        # Stages whose function is not found are not timed separately (their figures are then absent, not guessed).
-        for stage, attr in OURS_STAGE_FUNCTIONS.items():
-            fn = semantic_fn if stage == "semantic" else getattr(gen, attr, None)
-            if fn is not None:
-                stack.enter_context(_patched_module(gen, attr, clock.wrap(stage, fn)))
-        with torch.no_grad():
-            return model.generate(input_ids, attention_mask=attention_mask, **kwargs)
-
-
-# stage -> function name in bark.generation that bark.generation.generate calls for it
-OURS_STAGE_FUNCTIONS = {"semantic": "generate_semantic", "coarse": "generate_coarse", "fine": "generate_fine",
-                        "codec": "decode_audio"}
-
-
-@contextlib.contextmanager
-def _patched_module(module, name: str, replacement):
-    old = getattr(module, name)
-    setattr(module, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
+    with torch.no_grad():
+        return model.generate(input_ids, attention_mask=attention_mask, semantic_max_new_tokens=semantic_tokens,
+                              semantic_min_new_tokens=semantic_tokens, callback=on_event)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -495,8 +443,7 @@ def run_e2e(device: torch.device, quick: bool, budget, progress=None, on_update=
     transformers.logging.set_verbosity_error()  # its per-call deprecation notices about generation kwargs
     ours_reason = ours_available()
     if ours_reason is None:
-        result["ours_eos_suppression"] = ("native semantic_min_new_tokens" if ours_native_min_new_tokens() else
-                                          "harness: EOS score set to -inf before each semantic token selection")
+        result["ours_eos_suppression"] = "semantic_min_new_tokens (as for transformers)"
     runs = result["runs"]
     last_wall: dict[tuple[str, str], tuple[int, float]] = {}  # (impl, model) -> (batch, wall s incl. warm-up)
     built: dict[str, list] = {}  # model -> [config, hf, ours, dtype]

@@ -173,10 +173,11 @@ def test_command_line_kernels_only_with_threads(tmp_path, capsys):
 
 
 def test_e2e_eos_suppression_builds_no_tensor_per_semantic_step(monkeypatch):
-    """The harness that suppresses EOS for our model must not create a tensor per semantic token: on CUDA a
+    """Our semantic stage with EOS suppressed (semantic_min_new_tokens) must not create a tensor per token: on CUDA a
     ``torch.tensor(..., device="cuda")`` is a blocking host-to-device copy, i.e. a sync per token charged to ours.
-    Counts ``torch.tensor`` calls while the semantic stage runs: they must not grow with the number of tokens."""
-    import bark.generation as gen
+    Counts ``torch.tensor`` calls between the semantic stage's start and end events: they must not grow with the
+    number of tokens. The harness times and reads ours only through generate's stage events."""
+    import bark
     from benchmarks import e2e
 
     device = torch.device("cpu")
@@ -185,28 +186,35 @@ def test_e2e_eos_suppression_builds_no_tensor_per_semantic_step(monkeypatch):
     ours = e2e.ours_from_hf(config, hf, device)
     ids, mask = e2e._inputs(1, 8, device)
     calls = {"inside": False, "n": 0}
-    real_tensor, real_semantic = torch.tensor, gen.generate_semantic
+    real_tensor = torch.tensor
 
     def counting_tensor(*args, **kwargs):
         if calls["inside"]:
             calls["n"] += 1
         return real_tensor(*args, **kwargs)
 
-    def flagged_semantic(*args, **kwargs):
-        calls["inside"] = True
-        try:
-            return real_semantic(*args, **kwargs)
-        finally:
-            calls["inside"] = False
+    def flag(event):
+        if event.stage == "semantic":
+            calls["inside"] = event.kind != "end"
+
+    real_generate = bark.BarkModel.generate
+
+    def generate_with_flag(self, *args, callback=None, **kwargs):
+        def both(event):
+            flag(event)
+            callback(event)
+
+        return real_generate(self, *args, callback=both, **kwargs)
 
     monkeypatch.setattr(torch, "tensor", counting_tensor)
-    monkeypatch.setattr(gen, "generate_semantic", flagged_semantic)
+    monkeypatch.setattr(bark.BarkModel, "generate", generate_with_flag)
     counts = []
     for tokens in (3, 11):
         calls["n"] = 0
         clock = e2e.StageClock(device)
         e2e.generate_ours(ours, ids, mask, tokens, clock)
         assert clock.outputs["semantic"][0].shape[0] == tokens  # EOS was suppressed: exactly `tokens` tokens
+        assert set(clock.seconds) == {"semantic", "coarse", "fine", "codec"}
         counts.append(calls["n"])
     assert counts[0] == counts[1], f"torch.tensor calls in the semantic stage grow with its length: {counts}"
 

@@ -1,0 +1,308 @@
+"""Prepared decode sessions: plan once, run many.
+
+A :class:`DecodeSession` is what one stage of one ``generate`` call needs to decode a fixed batch of rows with one of
+Bark's causal sub-models (semantic or coarse), prepared once:
+
+* the KV cache, ``(layers, batch, max_seqlen, heads, head_dim)``, allocated up front, with per-row lengths on the
+  device (and on the host);
+* the attention op, resolved and validated once (backend, device, dtype, head_dim): a step calls the backend's
+  ``attention_with_kvcache`` directly, with no validation, registry lookup or environment read per layer;
+* the token head(s): callables ``head(hidden (B, C)) -> next tokens (B,)`` that own their static buffers (logits
+  processing, sampling, the finished mask, the token record); a stage with alternating codebooks has one head per
+  codebook, a *variant* of the step;
+* the step itself, ``step(variant)``: embeddings of the current tokens -> every layer (in-place cache append) -> final
+  norm -> ``head[variant]`` -> the next tokens, written into the session's static token buffer. It reads nothing back
+  from the device.
+
+How a step runs (``mode``):
+
+* ``"eager"``: the step function called from Python. On a CPU with the ``sdpa`` backend the session attends with
+  host-known lengths (the cache sliced to the used positions, one mask per step shared by every layer instead of one
+  per layer, none when all rows have the same length);
+* ``"graph"`` (CUDA): each variant is warmed up (every Triton kernel compiled) and captured once as a CUDA graph, then
+  replayed: one launch per step;
+* ``"compile"``: the step through ``torch.compile(fullgraph=True)``, and on CUDA captured as a graph after that;
+* ``"auto"``: ``"graph"`` on CUDA, ``"eager"`` elsewhere (measured fastest: see docs/decode.md).
+
+The fullgraph compile of a step is also the CPU proof that a step is capturable: it traces only when nothing in it
+branches on device values or syncs with the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.nn import functional as F
+
+from bark_kernels import registry
+
+from .kv_cache import KVCache
+
+__all__ = ["DecodeSession", "DECODE_MODES", "resolve_mode", "resolve_decode_attention"]
+
+DECODE_MODES = ("auto", "eager", "graph", "compile")
+WARMUP_STEPS = 2  # steps each variant runs before its capture (the heads' records need this much slack)
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+logger = logging.getLogger("bark")
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """'auto' -> the default for ``device``; checks the name and that 'graph' has a CUDA device."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode: expected one of {list(DECODE_MODES)}, got {mode!r}")
+    if mode == "auto":
+        return "graph" if device.type == "cuda" else "eager"
+    if mode == "graph" and device.type != "cuda":
+        raise ValueError(f"decode_mode: 'graph' captures CUDA graphs and needs a CUDA device, the model is on "
+                         f"{device.type}; use 'eager' or 'compile' (or 'auto')")
+    return mode
+
+
+def resolve_decode_attention(model, device: torch.device, dtype: torch.dtype) -> tuple[str, Callable]:
+    """The backend name and its ``attention_with_kvcache`` op for ``model`` (explicit backend or automatic choice):
+    validated once here, called directly by every step."""
+    return registry.select("attention_with_kvcache", device, dtype, model.config.head_dim, backend=model.attn_backend)
+
+
+class DecodeSession:
+    """A fixed batch of rows decoded with one causal sub-model (semantic or coarse); see the module docstring.
+
+    ``heads``: one callable per step variant, ``head(hidden (B, C) final-normed) -> next tokens (B,) long``; it may
+    update state of its own (in place, on the device). ``generators``: the torch.Generators the heads sample with
+    (their states are saved before and restored after warm-up and capture, which run the heads).
+    """
+
+    def __init__(self, model, batch: int, max_seqlen: int, heads: Sequence[Head], mode: str = "auto",
+                 generators: Sequence[torch.Generator] = (), compile_backend: str = "inductor") -> None:
+        weight = model.lm_head.weight
+        self.model = model
+        self.device, self.dtype = weight.device, weight.dtype
+        self.batch = batch
+        self.mode = resolve_mode(mode, self.device)
+        cfg = model.config
+        if max_seqlen > cfg.block_size:
+            raise ValueError(f"max_seqlen: {max_seqlen} positions exceed the model's block_size {cfg.block_size}")
+        self.cache = KVCache(cfg.num_layers, batch, max_seqlen, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
+        self._k_layers = [self.cache.k[i] for i in range(cfg.num_layers)]  # per-layer (B, S_max, H, D) views
+        self._v_layers = [self.cache.v[i] for i in range(cfg.num_layers)]
+        self.backend, self._op = resolve_decode_attention(model, self.device, self.dtype)
+        self.softmax_scale = cfg.head_dim ** -0.5
+        self.heads = list(heads)
+        self.generators = [g for g in generators if g is not None]
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,) input of the next step
+        # CPU + sdpa: attend with host-known lengths (see _attend_host); every other case: the backend op on the
+        # device lengths (static shapes, capturable)
+        self.host_lengths = self.device.type == "cpu" and self.backend == "sdpa" and self.mode == "eager"
+        self._attend = self._attend_host if self.host_lengths else self._attend_device
+        self._host_ctx: tuple | None = None
+        self._runners: dict[int, Callable[[], None]] = {}
+        self._graph_pool = None
+        self.compile_backend = compile_backend
+        self.fallback: str | None = None  # why a capture fell back to eager, if it did
+        self.steps_run = 0
+
+    # -- the step ------------------------------------------------------------------------------------------------------
+
+    def _attend_device(self, q, k, v, layer: int) -> torch.Tensor:
+        """(B, 1, H, D) views -> (B, 1, H, D); appends k/v at each row's length (device lengths, in place)."""
+        return self._op(q, self._k_layers[layer], self._v_layers[layer], k, v, self.cache.seqlens, True,
+                        self.softmax_scale)
+
+    def _prepare_host_step(self) -> None:
+        """Once per step (host mode): where each row appends and what it may see, shared by every layer."""
+        lengths = self.cache.host_seqlens
+        longest = max(lengths)
+        if min(lengths) == longest:
+            self._host_ctx = (longest, None, None, None)
+            return
+        rows = torch.arange(self.batch)
+        pos = torch.tensor(lengths, dtype=torch.long)
+        used = longest + 1
+        mask = (torch.arange(used)[None, :] <= pos[:, None]).view(self.batch, 1, 1, used)  # (B, 1, 1, used)
+        self._host_ctx = (None, rows, pos, mask)
+
+    def _attend_host(self, q, k, v, layer: int) -> torch.Tensor:
+        """CPU + sdpa: append at host-known positions and attend to the used prefix of the cache only."""
+        uniform, rows, pos, mask = self._host_ctx
+        k_cache, v_cache = self._k_layers[layer], self._v_layers[layer]
+        if uniform is not None:
+            k_cache[:, uniform] = k[:, 0]  # (B, H, D)
+            v_cache[:, uniform] = v[:, 0]
+            used = uniform + 1
+        else:
+            k_cache[rows, pos] = k[:, 0]
+            v_cache[rows, pos] = v[:, 0]
+            used = mask.shape[-1]
+        keys = k_cache[:, :used].transpose(1, 2)  # (B, H, used, D)
+        values = v_cache[:, :used].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                             scale=self.softmax_scale)  # (B, H, 1, D)
+        return out.transpose(1, 2)  # (B, 1, H, D)
+
+    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) at each row's position -> final-normed hidden (B, C); every layer appends to the cache."""
+        m = self.model
+        seqlens = self.cache.seqlens
+        hidden = m.input_embeds_layer(tokens) + m.position_embeds_layer(seqlens.long())  # (B, C)
+        hidden = hidden[:, None]  # (B, 1, C)
+        for i, block in enumerate(m.layers):
+            hidden = block(hidden, self._attend, i)
+        seqlens.add_(1)
+        return m.layernorm_final(hidden[:, 0])  # (B, C)
+
+    def _step_fn(self, variant: int) -> Callable[[], None]:
+        head = self.heads[variant]
+
+        def step() -> None:
+            nxt = head(self._decode(self.tokens))  # (B,)
+            self.tokens.copy_(nxt)
+
+        return step
+
+    # -- running -------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, input_embeds, variant: int = 0) -> torch.Tensor:
+        """Prompt -> the first new token of each row (B,), into ``self.tokens``.
+
+        ``input_embeds``: (B, T, C) for rows of equal length, or a list of B tensors (T_b, C) (packed through
+        varlen attention). Resets the cache lengths; the head of ``variant`` picks the token."""
+        if self.mode != "eager" and not self._runners:
+            self.prepare()
+        m = self.model
+        if isinstance(input_embeds, torch.Tensor):
+            hidden = m.prefill(input_embeds, self.cache)
+        else:
+            hidden = m.prefill_varlen(list(input_embeds), self.cache)
+        self.tokens.copy_(self.heads[variant](hidden))
+        return self.tokens
+
+    @torch.no_grad()
+    def step(self, variant: int = 0) -> torch.Tensor:
+        """One decode step of every row: ``self.tokens`` -> the next tokens (returned; the same static tensor)."""
+        cache = self.cache
+        cache.check_room(1)
+        if self.host_lengths:
+            self._prepare_host_step()
+        runner = self._runners.get(variant)
+        if runner is None:
+            runner = self._runners[variant] = self._make_runner(variant)
+        runner()
+        cache.host_seqlens = [n + 1 for n in cache.host_seqlens]
+        self.steps_run += 1
+        return self.tokens
+
+    def _make_runner(self, variant: int) -> Callable[[], None]:
+        fn = self._step_fn(variant)
+        if self.mode == "eager":
+            return fn
+        if self.mode == "compile":
+            fn = self._compiled(variant)
+        if self.device.type != "cuda":
+            return fn
+        try:
+            return self._capture(fn)
+        except Exception as exc:  # keep generating, say why (tests assert there is no fallback)
+            self.fallback = f"{type(exc).__name__}: {exc}"
+            logger.warning("bark: CUDA-graph capture of the %s step failed (%s); running it eagerly",
+                           type(self.model).__name__, self.fallback)
+            return fn
+
+    def _compiled(self, variant: int) -> Callable[[], None]:
+        """The step through torch.compile(fullgraph=True). A head that samples with an explicit torch.Generator
+        (which dynamo cannot trace) has its pick (the draw) run outside the compiled part."""
+        head = self.heads[variant]
+        options = dict(fullgraph=True, dynamic=False, backend=self.compile_backend)
+        if not getattr(head, "eager_pick", False):
+            return torch.compile(self._step_fn(variant), **options)
+        forward = torch.compile(lambda: head.scores(self._decode(self.tokens)), **options)
+
+        def step() -> None:
+            self.tokens.copy_(head.pick(forward()))
+
+        return step
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Build every variant's runner now (CUDA: warm up, compile, capture), before any real state exists: warm-up
+        runs steps on the empty cache; lengths, token state and generator states are restored afterwards."""
+        if self.mode == "eager":
+            return
+        sampling = any(getattr(getattr(h, "params", None), "do_sample", True) for h in self.heads)
+        saved = [g.get_state() for g in self.generators] if sampling else []
+        cuda_rng = torch.cuda.get_rng_state(self.device) if sampling and self.device.type == "cuda" else None
+        cpu_rng = torch.get_rng_state() if sampling else None
+        snapshot = self._snapshot_heads()
+        try:
+            for variant in range(len(self.heads)):
+                if variant not in self._runners:
+                    self._restore_heads(snapshot)
+                    self.cache.set_lengths([0] * self.batch)
+                    self._runners[variant] = self._make_runner(variant)
+        finally:
+            for g, state in zip(self.generators, saved):
+                g.set_state(state)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, self.device)
+            if cpu_rng is not None:
+                torch.set_rng_state(cpu_rng)
+            self._restore_heads(snapshot)
+            self.cache.set_lengths([0] * self.batch)
+            self.tokens.zero_()
+
+    def _snapshot_heads(self) -> list:
+        return [h.snapshot() if hasattr(h, "snapshot") else None for h in self.heads]
+
+    def _restore_heads(self, snapshot: list) -> None:
+        for h, s in zip(self.heads, snapshot, strict=True):
+            if s is not None:
+                h.restore(s)
+
+    def _capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Warm ``fn`` up on a side stream (kernels compiled, workspaces allocated), then capture it as a CUDA graph;
+        returns the replay. The heads' generators are registered with the graph so replays draw fresh numbers."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_STEPS):
+                self.cache.set_lengths([0] * self.batch)
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        for g in self.generators:
+            if g.device.type == "cuda":
+                register = getattr(graph, "register_generator_state", None)
+                if register is None:
+                    raise RuntimeError("decode_mode 'graph' with a torch.Generator needs torch >= 2.5 "
+                                       "(CUDAGraph.register_generator_state); use decode_mode='eager'")
+                register(g)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        self.cache.set_lengths([0] * self.batch)
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            fn()
+        return graph.replay
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Raise on any tensor read-back to the host (item, tolist, bool, int, float) inside the block (tests)."""
+    names = ("item", "tolist", "__bool__", "__int__", "__float__")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read inside a decode step")
+
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, forbidden)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
