@@ -24,7 +24,7 @@ generation_config.json is ignored (only the keyword counts), and the fine stage 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from .config import BarkGenerationConfig
 
-__all__ = ["generate", "SamplingParams", "split_generate_kwargs"]
+__all__ = ["generate", "generate_tokens", "SamplingParams", "TokenChoices", "split_generate_kwargs"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,32 @@ class SamplingParams:
             if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
                 raise ValueError(f"{stage}_top_p: expected a float in (0, 1], got {p!r}")
         return params
+
+
+@dataclass(frozen=True)
+class TokenChoices:
+    """One step's token choices, handed to the ``observer`` of :func:`generate_tokens` and of the stage functions (for
+    tests and diagnostics: with no observer nothing extra is computed and nothing is read back). Tensors are on the
+    model's device and must not be modified.
+
+    ``stage`` is "semantic", "coarse" or "fine"; ``step`` orders a stage's steps: semantic (t,), coarse (first token
+    of the window, t), fine (window, codebook). The N choices of one step are made at once, each from its row of
+    ``scores`` (N, V) float32 (-inf where not allowed; greedy decoding takes the argmax): ``tokens`` (N,) long, for
+    batch row ``rows[i]`` at ``positions[i]`` of that row's output (semantic and coarse: the token index; fine: the
+    frame, in codebook ``step[1]``). ``valid[i]`` is False where the choice is thrown away (semantic rows that already
+    ended; fine frames a window keeps from the previous one).
+    """
+
+    stage: str
+    step: tuple[int, ...]
+    rows: torch.Tensor  # (N,) long
+    positions: torch.Tensor  # (N,) long
+    scores: torch.Tensor  # (N, V) float32
+    tokens: torch.Tensor  # (N,) long
+    valid: torch.Tensor  # (N,) bool
+
+
+Observer = Callable[[TokenChoices], None]
 
 
 def select_tokens(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
@@ -240,7 +266,7 @@ def semantic_input_embeds(model, input_ids: torch.Tensor, attention_mask: torch.
 
 def generate_semantic(model, input_embeds: torch.Tensor, gen: BarkGenerationConfig, params: SamplingParams,
                       max_new_tokens: int, min_eos_p: float | None, sync_every: int = 16,
-                      generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                      generator: torch.Generator | None = None, observer: Observer | None = None) -> list[torch.Tensor]:
     """Semantic tokens of each row up to (excluding) its EOS: list of B long tensors (n_b,)."""
     cfg = gen.semantic_config
     semantic = model.semantic
@@ -277,6 +303,8 @@ def generate_semantic(model, input_embeds: torch.Tensor, gen: BarkGenerationConf
             only_eos[:, eos] = scores[:, eos]
             scores = torch.where((probs[:, eos] > min_eos_p)[:, None], only_eos, scores)
         nxt = select_tokens(scores, params, generator)  # (B',)
+        if observer is not None:
+            observer(TokenChoices("semantic", (step,), rows, torch.full_like(rows, step), scores, nxt, ~finished))
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         tokens[rows, step] = nxt
         finished = finished | (nxt == eos)
@@ -326,8 +354,8 @@ def coarse_lengths(semantic_lengths: Sequence[int], gen: BarkGenerationConfig) -
 
 
 def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[dict | None],
-                    gen: BarkGenerationConfig, params: SamplingParams,
-                    generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                    gen: BarkGenerationConfig, params: SamplingParams, generator: torch.Generator | None = None,
+                    observer: Observer | None = None) -> list[torch.Tensor]:
     """Coarse tokens of each row (interleaved codebooks, coarse-model ids): list of B long tensors (len_b,)."""
     sem_cfg, cfg = gen.semantic_config, gen.coarse_acoustics_config
     coarse = model.coarse_acoustics
@@ -373,6 +401,10 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
             scores = torch.full((len(rows), vocab), -float("inf"), dtype=torch.float32, device=device)
             scores[:, lo:hi] = coarse.lm_logits(hidden, lo, hi).float()
             nxt = select_tokens(scores, params, generator)  # (B',)
+            if observer is not None:
+                batch_rows = torch.tensor([active[r] for r in rows], dtype=torch.long, device=device)
+                observer(TokenChoices("coarse", (total, step), batch_rows, torch.full_like(batch_rows, total + step),
+                                      scores, nxt, torch.ones_like(batch_rows, dtype=torch.bool)))
             for i, r in enumerate(rows):
                 outs[r].append(nxt[i: i + 1])
             if step == max(need) - 1:
@@ -396,8 +428,24 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
 # stage 3: fine
 
 
+def _observe_fine(observer: Observer, n_outer: int, n_inner: int, batch_rows: list[int], active: list[dict],
+                  starts: list[int], rel_min: int, win: int, scores: torch.Tensor, preds: torch.Tensor,
+                  keep_old: torch.Tensor) -> None:
+    """The choices of one fine pass as TokenChoices: window positions rel_min .. win-1 of every active row, flattened;
+    scores (B', P, cb), preds and keep_old (B', P) with P = win - rel_min."""
+    device = preds.device
+    n_rows, n_pos = preds.shape
+    offsets = torch.arange(rel_min, win, device=device)  # (P,) window positions
+    first_frame = torch.tensor([s - r["n_hist"] for s, r in zip(starts, active, strict=True)], device=device)
+    frames = first_frame[:, None] + offsets[None, :]  # (B', P): the row's output frame at each window position
+    rows = torch.tensor(batch_rows, dtype=torch.long, device=device)[:, None].expand(n_rows, n_pos)
+    observer(TokenChoices("fine", (n_outer, n_inner), rows.reshape(-1), frames.reshape(-1),
+                          scores.reshape(n_rows * n_pos, -1).float(), preds.reshape(-1), (~keep_old).reshape(-1)))
+
+
 def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict | None], gen: BarkGenerationConfig,
-                  temperature: float | None, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                  temperature: float | None, generator: torch.Generator | None = None,
+                  observer: Observer | None = None) -> list[torch.Tensor]:
     """Codes of all codebooks of each row: list of B long tensors (n_fine_codebooks, frames_b)."""
     sem_cfg, c_cfg, cfg = gen.semantic_config, gen.coarse_acoustics_config, gen.fine_acoustics_config
     fine = model.fine_acoustics
@@ -422,7 +470,8 @@ def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict
         rows.append(dict(buf=buf, n_hist=n_hist, frames=frames, n_loops=n_loops if frames > 0 else 0))
     max_loops = max((r["n_loops"] for r in rows), default=0)
     for n_outer in range(max_loops):
-        active = [r for r in rows if r["n_loops"] > n_outer]
+        active_rows = [b for b, r in enumerate(rows) if r["n_loops"] > n_outer]
+        active = [rows[b] for b in active_rows]
         starts, fills, rels = [], [], []
         for r in active:
             length = r["buf"].shape[0]
@@ -441,7 +490,8 @@ def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict
                 logits = fine.lm_logits(n_inner, hidden[:, rel_min:], cb)  # (B', win - rel_min, cb)
                 preds = torch.argmax(logits, dim=-1)
             else:
-                probs = (fine.lm_logits(n_inner, hidden, cb) / temperature).softmax(dim=-1)  # (B', win, cb)
+                logits = fine.lm_logits(n_inner, hidden, cb) / temperature  # (B', win, cb)
+                probs = logits.softmax(dim=-1)
                 if len(set(rels)) == 1:  # one draw for the whole batch, as transformers
                     flat = probs[:, rel_min:].reshape(-1, cb)
                     preds = torch.multinomial(flat, 1, generator=generator).view(len(active), -1)
@@ -449,6 +499,9 @@ def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict
                     preds = torch.stack([
                         F.pad(torch.multinomial(probs[i, rel:], 1, generator=generator).view(-1), (rel - rel_min, 0))
                         for i, rel in enumerate(rels)])
+            if observer is not None:
+                _observe_fine(observer, n_outer, n_inner, active_rows, active, starts, rel_min, win,
+                              logits[:, logits.shape[1] - preds.shape[1]:], preds, keep_old)
             old = window[:, rel_min:, n_inner]
             window[:, rel_min:, n_inner] = torch.where(keep_old, old, preds)
         for r, fill, rel, w in zip(active, fills, rels, window, strict=True):
@@ -532,9 +585,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     return audio
 
 
-def generate_tokens(model, input_ids, attention_mask=None, history_prompt=None, **kwargs) -> dict:
+def generate_tokens(model, input_ids, attention_mask=None, history_prompt=None, observer: Observer | None = None,
+                    **kwargs) -> dict:
     """Like :func:`generate` but returns every stage's tokens (for tests and benchmarks): semantic (list of (n_b,)),
-    coarse (list of (len_b,)), fine (list of (n_fine, frames_b))."""
+    coarse (list of (len_b,)), fine (list of (n_fine, frames_b)). ``observer``, when given, is called with the
+    :class:`TokenChoices` of every step, in the order the choices are made."""
     gen = model.generation_config
     with torch.no_grad():
         min_eos_p_plain = kwargs.pop("min_eos_p", None)
@@ -547,10 +602,11 @@ def generate_tokens(model, input_ids, attention_mask=None, history_prompt=None, 
         histories = _normalize_histories(history_prompt, input_ids.shape[0], gen, model.device)
         embeds = semantic_input_embeds(model, input_ids, attention_mask, histories, gen)
         sem = generate_semantic(model, embeds, gen, SamplingParams.resolve("semantic", gen.semantic_config, sem_kw),
-                                max_new, min_eos_p, sync_every, generator)
+                                max_new, min_eos_p, sync_every, generator, observer)
         coarse = generate_coarse(model, sem, histories, gen,
                                  SamplingParams.resolve("coarse", gen.coarse_acoustics_config, stages["coarse"]),
-                                 generator)
+                                 generator, observer)
         fine = generate_fine(model, coarse, histories, gen,
-                             stages["fine"].get("temperature", gen.fine_acoustics_config.temperature), generator)
+                             stages["fine"].get("temperature", gen.fine_acoustics_config.temperature), generator,
+                             observer)
     return {"semantic": sem, "coarse": coarse, "fine": fine}
