@@ -13,7 +13,7 @@
 #   VENV     the environment, created or reused (default: .venv-gpu-stack)
 # A reused environment is only reinstalled when a pin is off or what the install builds from changed (setup.py,
 # pyproject.toml, csrc/, bark_kernels/_jit.py). Measured on a 2-core CPU machine: first run ~7 min (~2.5 min installing
-# ~5 GB, mostly torch's CUDA libraries, ~1.7 min building the extension, ~2.7 min of tests), later runs ~3 min.
+# ~5 GB, mostly torch's CUDA libraries, ~1.7 min building the extension, ~2.7 min of tests), later runs ~2.5 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv-gpu-stack}"
