@@ -35,9 +35,9 @@ import torch
 from torch.nn import functional as F
 
 from .config import BarkGenerationConfig
-from .session import DECODE_MODES, WARMUP_STEPS as _WARMUP_STEPS, DecodeSession
+from .session import DECODE_MODES, WARMUP_STEPS as _WARMUP_STEPS, DecodeSession, pooled
 
-__all__ = ["generate", "generate_tokens", "SamplingParams", "StageEvent", "split_generate_kwargs"]
+__all__ = ["generate", "generate_tokens", "SamplingParams", "StageEvent", "TokenChoices", "split_generate_kwargs"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +167,32 @@ class SamplingParams:
             if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
                 raise ValueError(f"{stage}_top_p: expected a float in (0, 1], got {p!r}")
         return params
+
+
+@dataclass(frozen=True)
+class TokenChoices:
+    """One step's token choices, handed to the ``observer`` of :func:`generate_tokens` (tests and diagnostics; an
+    observer makes the decode steps run eagerly, and with no observer nothing extra is computed or read back).
+    Tensors are on the model's device and must not be modified.
+
+    ``stage`` is "semantic", "coarse" or "fine"; ``step`` orders a stage's steps: semantic (t,), coarse (first token
+    of the window, t), fine (window, codebook). The N choices of one step are made at once, each from its row of
+    ``scores`` (N, V) float32 (-inf where not allowed; greedy decoding takes the argmax): ``tokens`` (N,) long, for
+    batch row ``rows[i]`` at ``positions[i]`` of that row's output (semantic and coarse: the token index; fine: the
+    frame, in codebook ``step[1]``). ``valid[i]`` is False where the choice is thrown away (semantic rows that already
+    ended, coarse rows whose window is complete, fine frames a window keeps from the previous one).
+    """
+
+    stage: str
+    step: tuple[int, ...]
+    rows: torch.Tensor  # (N,) long
+    positions: torch.Tensor  # (N,) long
+    scores: torch.Tensor  # (N, V) float32
+    tokens: torch.Tensor  # (N,) long
+    valid: torch.Tensor  # (N,) bool
+
+
+Observer = Callable[[TokenChoices], None]
 
 
 def select_tokens(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
@@ -335,14 +361,16 @@ class _SemanticHead:
     and updates the finished mask. Static shapes, no host read."""
 
     def __init__(self, semantic, record: _TokenRecord, gen: BarkGenerationConfig, params: SamplingParams,
-                 min_eos_p: float | None, min_new_tokens: int, generator) -> None:
+                 min_eos_p: float | None, min_new_tokens: int, generator, observer: Observer | None = None) -> None:
         cfg = gen.semantic_config
         self.record = record
+        self.model = semantic
+        self.observer = observer
+        self.step = 0  # host count of picks (read only with an observer, which makes the steps eager)
         self.vocab = semantic.config.output_vocab_size
         self.eos, self.pad = cfg.eos_token_id, cfg.semantic_pad_token
         self.n_allowed = max(cfg.semantic_vocab_size, self.pad) + 1  # logits computed for ids 0 .. n_allowed-1 only
-        self.weight = semantic.lm_head.weight[: self.n_allowed]  # (n_allowed, C) view
-        device = self.weight.device
+        device = semantic.lm_head.weight.device
         self.suppressed = None
         if self.pad > cfg.semantic_vocab_size:
             self.suppressed = torch.zeros(self.n_allowed, dtype=torch.bool, device=device)
@@ -357,7 +385,7 @@ class _SemanticHead:
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, C) -> processed scores (B, vocab) float32, -inf where a token cannot be picked."""
-        logits = F.linear(hidden, self.weight).float()  # (B, n_allowed)
+        logits = self.model.lm_logits(hidden, 0, self.n_allowed).float()  # (B, n_allowed)
         scores = torch.full((logits.shape[0], self.vocab), -float("inf"), dtype=torch.float32, device=logits.device)
         scores[:, : self.n_allowed] = logits
         if self.suppressed is not None:
@@ -375,6 +403,11 @@ class _SemanticHead:
     def pick(self, scores: torch.Tensor) -> torch.Tensor:
         """scores (B, vocab) -> next tokens (B,): sampling/argmax, pad for finished rows, recorded."""
         nxt = select_tokens(scores, self.params, self.generator)  # (B,)
+        if self.observer is not None:
+            rows = torch.arange(nxt.shape[0], device=nxt.device)
+            self.observer(TokenChoices("semantic", (self.step,), rows, torch.full_like(rows, self.step), scores, nxt,
+                                       ~self.record.finished))
+        self.step += 1
         nxt = nxt.masked_fill(self.record.finished, self.pad)
         self.record.record(nxt)
         self.record.finished.logical_or_(nxt == self.eos)
@@ -393,7 +426,8 @@ class _SemanticHead:
 def generate_semantic(model, input_embeds: torch.Tensor, gen: BarkGenerationConfig, params: SamplingParams,
                       max_new_tokens: int, min_eos_p: float | None, sync_every: int = 16,
                       generator: torch.Generator | None = None, decode_mode: str = "auto",
-                      events: _Events | None = None, min_new_tokens: int = 0) -> list[torch.Tensor]:
+                      events: _Events | None = None, min_new_tokens: int = 0,
+                      observer: Observer | None = None) -> list[torch.Tensor]:
     """Semantic tokens of each row up to (excluding) its EOS: list of B long tensors (n_b,).
 
     One decode session for the whole stage: rows that reached EOS stay in the batch, masked (their tokens are pad);
@@ -409,10 +443,20 @@ def generate_semantic(model, input_embeds: torch.Tensor, gen: BarkGenerationConf
     if prompt_len + max_new_tokens - 1 > semantic.config.block_size:
         raise ValueError(f"semantic_max_new_tokens: {max_new_tokens} new tokens after {prompt_len} prompt positions "
                          f"exceed the semantic model's block_size {semantic.config.block_size}")
-    record = _TokenRecord(batch, max_new_tokens + _WARMUP_STEPS, pad, device)  # slack: warm-up steps write too
-    head = _SemanticHead(semantic, record, gen, params, min_eos_p, min_new_tokens, generator)
-    session = DecodeSession(semantic, batch, prompt_len + max_new_tokens - 1, [head], decode_mode,
-                            generators=[generator])
+    max_seqlen = prompt_len + max_new_tokens - 1
+
+    def build():
+        record = _TokenRecord(batch, max_new_tokens + _WARMUP_STEPS, pad, device)  # slack: warm-up steps write too
+        head = _SemanticHead(semantic, record, gen, params, min_eos_p, min_new_tokens, generator, observer)
+        return DecodeSession(semantic, batch, max_seqlen, [head], decode_mode, generators=[generator]), record, head
+
+    if observer is not None:
+        session, record, head = build()
+    else:  # the session of an earlier call with the same shapes and settings, if any (its graphs are reused)
+        key = ("semantic", batch, max_seqlen, max_new_tokens, params, min_eos_p, min_new_tokens, decode_mode,
+               semantic.attn_backend, cfg.eos_token_id, cfg.semantic_vocab_size, generator)
+        session, record, head = pooled(semantic, key, build)
+        record.reset()
     events.start("semantic", total=max_new_tokens, rows=batch)
     session.prefill(input_embeds)
     steps = 1
@@ -464,25 +508,28 @@ class _CoarseHead:
     head, every other id -inf), then sampling/argmax; records the token. One per codebook: the step variants."""
 
     def __init__(self, coarse, record: _TokenRecord, bounds: tuple[int, int], params: SamplingParams,
-                 generator) -> None:
+                 generator, window: _CoarseWindow | None = None) -> None:
         self.record = record
+        self.model = coarse
         self.lo, self.hi = bounds
         self.vocab = coarse.config.output_vocab_size
-        self.weight = coarse.lm_head.weight[self.lo:self.hi]  # (hi - lo, C) view
         self.params, self.generator = params, generator
+        self.window = window  # observer bookkeeping (None without an observer)
 
     @property
     def eager_pick(self) -> bool:
         return self.params.do_sample and self.generator is not None
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight).float()  # (B, hi - lo)
+        logits = self.model.lm_logits(hidden, self.lo, self.hi).float()  # (B, hi - lo)
         scores = torch.full((logits.shape[0], self.vocab), -float("inf"), dtype=torch.float32, device=logits.device)
         scores[:, self.lo:self.hi] = logits
         return scores
 
     def pick(self, scores: torch.Tensor) -> torch.Tensor:
         nxt = select_tokens(scores, self.params, self.generator)  # (B,)
+        if self.window is not None:
+            self.window.observe(scores, nxt)
         self.record.record(nxt)
         return nxt
 
@@ -496,9 +543,26 @@ class _CoarseHead:
         self.record.restore(state)
 
 
+@dataclass
+class _CoarseWindow:
+    """With an observer: where the coarse stage is (window start, step in the window, each row's tokens in it)."""
+
+    observer: Observer
+    start: int = 0
+    step: int = 0
+    need: torch.Tensor | None = None  # (B,) tokens each row takes from this window
+
+    def observe(self, scores: torch.Tensor, nxt: torch.Tensor) -> None:
+        rows = torch.arange(nxt.shape[0], device=nxt.device)
+        self.observer(TokenChoices("coarse", (self.start, self.step), rows, torch.full_like(rows, self.start + self.step),
+                                   scores, nxt, self.need > self.step))
+        self.step += 1
+
+
 def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[dict | None],
                     gen: BarkGenerationConfig, params: SamplingParams, generator: torch.Generator | None = None,
-                    decode_mode: str = "auto", events: _Events | None = None) -> list[torch.Tensor]:
+                    decode_mode: str = "auto", events: _Events | None = None,
+                    observer: Observer | None = None) -> list[torch.Tensor]:
     """Coarse tokens of each row (interleaved codebooks, coarse-model ids): list of B long tensors (len_b,).
 
     One decode session (one preallocated cache) for every window: each window re-prefills its history (as
@@ -531,9 +595,18 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
     infer = torch.tensor([cfg.coarse_infer_token], dtype=torch.long, device=device)
     longest_prompt = cfg.max_coarse_input_length + 1 + cfg.max_coarse_history
     max_seqlen = min(longest_prompt + window - 1, coarse.config.block_size)
-    record = _TokenRecord(batch, window + _WARMUP_STEPS, 0, device)  # slack: warm-up steps write too
-    heads = [_CoarseHead(coarse, record, bounds[n], params, generator) for n in range(n_codebooks)]
-    session = DecodeSession(coarse, batch, max_seqlen, heads, decode_mode, generators=[generator])
+    window_info = _CoarseWindow(observer) if observer is not None else None
+
+    def build():
+        record = _TokenRecord(batch, window + _WARMUP_STEPS, 0, device)  # slack: warm-up steps write too
+        heads = [_CoarseHead(coarse, record, bounds[n], params, generator, window_info) for n in range(n_codebooks)]
+        return DecodeSession(coarse, batch, max_seqlen, heads, decode_mode, generators=[generator]), record
+
+    if observer is not None:
+        session, record = build()
+    else:
+        key = ("coarse", batch, max_seqlen, window, tuple(bounds), params, decode_mode, coarse.attn_backend, generator)
+        session, record = pooled(coarse, key, build)
     events.start("coarse", total=max(lengths), rows=batch)
     total = 0
     steps_done = 0
@@ -557,6 +630,9 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
             raise ValueError(f"coarse window: {max(in_lens)} prompt positions + {steps} new tokens exceed the coarse "
                              f"model's block_size {coarse.config.block_size}")
         record.reset()
+        if window_info is not None:
+            window_info.start, window_info.step = total, 0
+            window_info.need = torch.tensor(need, device=device)
         if len(set(in_lens)) == 1:
             session.prefill(coarse.embed(torch.stack(inputs)))  # (B, T, C)
         else:
@@ -579,9 +655,24 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
 # stage 3: fine
 
 
+def _observe_fine(observer: Observer, n_outer: int, n_inner: int, batch_rows: list[int], active: list[dict],
+                  starts: list[int], rel_min: int, win: int, scores: torch.Tensor, preds: torch.Tensor,
+                  keep_old: torch.Tensor) -> None:
+    """The choices of one fine pass as TokenChoices: window positions rel_min .. win-1 of every active row, flattened;
+    scores (B', P, cb), preds and keep_old (B', P) with P = win - rel_min."""
+    device = preds.device
+    n_rows, n_pos = preds.shape
+    offsets = torch.arange(rel_min, win, device=device)  # (P,) window positions
+    first_frame = torch.tensor([s - r["n_hist"] for s, r in zip(starts, active, strict=True)], device=device)
+    frames = first_frame[:, None] + offsets[None, :]  # (B', P): the row's output frame at each window position
+    rows = torch.tensor(batch_rows, dtype=torch.long, device=device)[:, None].expand(n_rows, n_pos)
+    observer(TokenChoices("fine", (n_outer, n_inner), rows.reshape(-1), frames.reshape(-1),
+                          scores.reshape(n_rows * n_pos, -1).float(), preds.reshape(-1), (~keep_old).reshape(-1)))
+
+
 def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict | None], gen: BarkGenerationConfig,
                   temperature: float | None, generator: torch.Generator | None = None,
-                  events: _Events | None = None) -> list[torch.Tensor]:
+                  events: _Events | None = None, observer: Observer | None = None) -> list[torch.Tensor]:
     """Codes of all codebooks of each row: list of B long tensors (n_fine_codebooks, frames_b)."""
     sem_cfg, c_cfg, cfg = gen.semantic_config, gen.coarse_acoustics_config, gen.fine_acoustics_config
     fine = model.fine_acoustics
@@ -609,7 +700,8 @@ def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict
     passes = max_loops * (n_fine - n_coarse)
     events.start("fine", total=passes, rows=len(rows))
     for n_outer in range(max_loops):
-        active = [r for r in rows if r["n_loops"] > n_outer]
+        active_rows = [b for b, r in enumerate(rows) if r["n_loops"] > n_outer]
+        active = [rows[b] for b in active_rows]
         starts, fills, rels = [], [], []
         for r in active:
             length = r["buf"].shape[0]
@@ -628,7 +720,8 @@ def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict
                 logits = fine.lm_logits(n_inner, hidden[:, rel_min:], cb)  # (B', win - rel_min, cb)
                 preds = torch.argmax(logits, dim=-1)
             else:
-                probs = (fine.lm_logits(n_inner, hidden, cb) / temperature).softmax(dim=-1)  # (B', win, cb)
+                logits = fine.lm_logits(n_inner, hidden, cb) / temperature  # (B', win, cb)
+                probs = logits.softmax(dim=-1)
                 if len(set(rels)) == 1:  # one draw for the whole batch, as transformers
                     flat = probs[:, rel_min:].reshape(-1, cb)
                     preds = torch.multinomial(flat, 1, generator=generator).view(len(active), -1)
@@ -636,6 +729,9 @@ def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict
                     preds = torch.stack([
                         F.pad(torch.multinomial(probs[i, rel:], 1, generator=generator).view(-1), (rel - rel_min, 0))
                         for i, rel in enumerate(rels)])
+            if observer is not None:
+                _observe_fine(observer, n_outer, n_inner, active_rows, active, starts, rel_min, win,
+                              logits[:, logits.shape[1] - preds.shape[1]:], preds, keep_old)
             old = window[:, rel_min:, n_inner]
             window[:, rel_min:, n_inner] = torch.where(keep_old, old, preds)
             events.progress("fine", n_outer * (n_fine - n_coarse) + n_inner - n_coarse + 1)
@@ -707,11 +803,18 @@ def _check_inputs(input_ids, attention_mask, sync_every, decode_mode, callback) 
 def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, history_prompt=None,
                     sync_every: int = 16, generator: torch.Generator | None = None, decode_mode: str = "auto",
                     callback: Callable[[StageEvent], None] | None = None, events: _Events | None = None,
-                    **kwargs) -> dict:
+                    observer: Observer | None = None, **kwargs) -> dict:
     """Every stage's tokens: semantic (list of (n_b,)), coarse (list of (len_b,)), fine (list of (n_fine, frames_b)).
 
-    Same arguments and checks as :func:`generate` (which decodes these fine codes to audio)."""
+    Same arguments and checks as :func:`generate` (which decodes these fine codes to audio). ``observer``, when given,
+    is called with the :class:`TokenChoices` of every step, in the order the choices are made (decode steps then run
+    eagerly: decode_mode 'auto' or 'eager')."""
     _check_inputs(input_ids, attention_mask, sync_every, decode_mode, callback)
+    if observer is not None:
+        if decode_mode not in ("auto", "eager"):
+            raise ValueError(f"observer: the observer reads every step on the host, so decode steps must run eagerly; "
+                             f"got decode_mode={decode_mode!r} (use 'auto' or 'eager')")
+        decode_mode = "eager"
     gen = model.generation_config
     min_eos_p_plain = kwargs.pop("min_eos_p", None)
     stages = split_generate_kwargs(kwargs)
@@ -735,9 +838,9 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     histories = _normalize_histories(history_prompt, batch, gen, device)
     embeds = semantic_input_embeds(model, input_ids, attention_mask, histories, gen)
     semantic = generate_semantic(model, embeds, gen, sem_params, max_new, min_eos_p, sync_every, generator,
-                                 decode_mode, events, min_new)
-    coarse = generate_coarse(model, semantic, histories, gen, coarse_params, generator, decode_mode, events)
-    fine = generate_fine(model, coarse, histories, gen, fine_temperature, generator, events)
+                                 decode_mode, events, min_new, observer)
+    coarse = generate_coarse(model, semantic, histories, gen, coarse_params, generator, decode_mode, events, observer)
+    fine = generate_fine(model, coarse, histories, gen, fine_temperature, generator, events, observer)
     return {"semantic": semantic, "coarse": coarse, "fine": fine}
 
 

@@ -30,8 +30,11 @@ branches on device values or syncs with the host.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import types
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -162,7 +165,7 @@ class DecodeSession:
             nxt = head(self._decode(self.tokens))  # (B,)
             self.tokens.copy_(nxt)
 
-        return step
+        return _own_code(step)
 
     # -- running -------------------------------------------------------------------------------------------------------
 
@@ -220,7 +223,7 @@ class DecodeSession:
         options = dict(fullgraph=True, dynamic=False, backend=self.compile_backend)
         if not getattr(head, "eager_pick", False):
             return torch.compile(self._step_fn(variant), **options)
-        forward = torch.compile(lambda: head.scores(self._decode(self.tokens)), **options)
+        forward = torch.compile(_own_code(lambda: head.scores(self._decode(self.tokens))), **options)
 
         def step() -> None:
             self.tokens.copy_(head.pick(forward()))
@@ -245,12 +248,16 @@ class DecodeSession:
                     self.cache.set_lengths([0] * self.batch)
                     self._runners[variant] = self._make_runner(variant)
         finally:
-            for g, state in zip(self.generators, saved):
-                g.set_state(state)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_rng, self.device)
-            if cpu_rng is not None:
-                torch.set_rng_state(cpu_rng)
+            try:  # warm-up drew random numbers: give them back, so sampling draws what eager steps would
+                for g, state in zip(self.generators, saved):
+                    g.set_state(state)
+                if cuda_rng is not None:
+                    torch.cuda.set_rng_state(cuda_rng, self.device)
+                if cpu_rng is not None:
+                    torch.set_rng_state(cpu_rng)
+            except RuntimeError as exc:  # sampled tokens then differ from an eager run's; say so
+                logger.warning("bark: could not restore the random generators after capture (%s): sampled tokens "
+                               "will differ from decode_mode='eager'", exc)
             self._restore_heads(snapshot)
             self.cache.set_lengths([0] * self.batch)
             self.tokens.zero_()
@@ -288,6 +295,42 @@ class DecodeSession:
         with torch.cuda.graph(graph, pool=self._graph_pool):
             fn()
         return graph.replay
+
+
+def _own_code(fn: Callable) -> Callable:
+    """A copy of closure ``fn`` with a code object of its own. torch.compile caches compiled code per code object, up
+    to a recompile limit; every session compiles its own step (its own tensors), so each gets its own code object
+    instead of using up a limit shared by all sessions of the process."""
+    global _code_serial
+    _code_serial += 1
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{_code_serial}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+_code_serial = 0
+
+# Sessions kept per model for reuse by later generate calls with the same shapes and settings (their caches,
+# buffers, compiled code and CUDA graphs); weakly keyed, so a model's sessions go with it.
+_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+POOL_SIZE = 4  # sessions kept per model (least recently used dropped first)
+
+
+def pooled(model, key: tuple, build: Callable[[], object]):
+    """The object pooled for (model, key), built by ``build()`` when absent. ``key`` must include everything the
+    object depends on; the model's parameter addresses are added here (a moved or re-cast model gets new sessions:
+    a captured graph holds raw device addresses)."""
+    pool = _POOLS.setdefault(model, collections.OrderedDict())
+    weight = model.lm_head.weight
+    full_key = key + (weight.data_ptr(), weight.dtype, weight.device, model.layers[0].attn.att_proj.weight.data_ptr())
+    item = pool.get(full_key)
+    if item is None:
+        item = build()
+        pool[full_key] = item
+        while len(pool) > POOL_SIZE:
+            pool.popitem(last=False)
+    else:
+        pool.move_to_end(full_key)
+    return item
 
 
 @contextlib.contextmanager

@@ -14,6 +14,10 @@ if not torch.cuda.is_available():
     # The CPU tests use tiny shapes: intra-op threads only add contention (on a loaded 2-core machine, tiny decode steps
     # ran ~40x slower with 2 threads than with 1).
     torch.set_num_threads(1)
+elif int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # pytest-xdist workers on a CUDA machine: each would start one torch thread per core for its CPU references
+    # (16 workers x 16 threads on the 16-core GPU machine); give each its share of the cores instead.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def backends_for(device: str) -> list[str]:

@@ -208,12 +208,16 @@ def test_bad_arguments_fail_cleanly(tiny_dir, tmp_path, capsys, argv_tail, code,
     assert _leftovers(tmp_path) == []
 
 
-def test_cuda_requested_without_cuda(tiny_dir, tmp_path, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+def test_cuda_requested_without_cuda(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Checked on every machine: CUDA is made to look absent (or present with one device) for the CLI."""
     out = tmp_path / "out.wav"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert speak_main(["hi", "-o", str(out), "--model", str(tiny_dir), "--device", "cuda"]) == 1
-    assert "CUDA" in capsys.readouterr().err and not out.exists()
+    assert "CUDA was requested but torch sees no CUDA device" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert speak_main(["hi", "-o", str(out), "--model", str(tiny_dir), "--device", "cuda:1"]) == 1
+    assert "only 1 CUDA device(s)" in capsys.readouterr().err and not out.exists()
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):

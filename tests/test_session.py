@@ -164,12 +164,21 @@ def test_min_new_tokens_blocks_eos_until_reached(model):
     gen = model.generation_config
     eos = gen.semantic_config.eos_token_id
     hidden = torch.randn(2, semantic.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    weight = torch.zeros_like(semantic.lm_head.weight)
+    weight[eos] = hidden.mean(0) * 100  # EOS scores far above the rest (all 0)
+    weight[5] = hidden.mean(0) * 50  # the runner-up
+
+    class Stub:  # the semantic model as the head sees it
+        lm_head = semantic.lm_head
+
+        @staticmethod
+        def lm_logits(h, start, stop):
+            return torch.nn.functional.linear(h, weight[start:stop])
+
     for min_new, expect in ((0, 0), (3, 3)):
         record = _TokenRecord(2, 8, gen.semantic_config.semantic_pad_token, model.device)
         head = _SemanticHead(semantic, record, gen, SamplingParams(), None, min_new, None)
-        head.weight = torch.zeros_like(head.weight)
-        head.weight[eos] = hidden.mean(0) * 100  # EOS scores far above the rest (all 0)
-        head.weight[5] = hidden.mean(0) * 50  # the runner-up
+        head.model = Stub()
         picked = [head(hidden).tolist() for _ in range(5)]
         first_eos = next(i for i, p in enumerate(picked) if p == [eos, eos])
         assert first_eos == expect and all(p == [5, 5] for p in picked[:first_eos]), picked
@@ -287,3 +296,24 @@ def test_replayed_steps_do_not_synchronize(cuda_model):
         assert session.cache.seqlens.tolist() == [14, 14], name
         assert record.col.item() == 6, name
     cuda_model.semantic.attn_backend = "eager"
+
+
+def test_sessions_are_reused_by_later_calls_with_the_same_shapes(model):
+    """A second generate with the same shapes and settings reuses the semantic and coarse sessions (their caches,
+    compiled code and captured graphs); other settings get their own; the pool per model stays bounded."""
+    from bark.session import _POOLS, POOL_SIZE
+
+    _POOLS.pop(model.semantic, None)
+    _POOLS.pop(model.coarse_acoustics, None)
+    ids, mask = bark_tiny.random_text_ids(2, [12, 30], seed=1)
+    first = generate_tokens(model, ids, mask, semantic_max_new_tokens=10)
+    sessions = list(_POOLS[model.semantic].values())
+    assert len(sessions) == 1 and len(_POOLS[model.coarse_acoustics]) == 1
+    again = generate_tokens(model, ids, mask, semantic_max_new_tokens=10)
+    assert list(_POOLS[model.semantic].values()) == sessions
+    for stage in ("semantic", "coarse", "fine"):
+        for a, b in zip(first[stage], again[stage], strict=True):
+            assert torch.equal(a, b), stage  # a reused session starts clean
+    for n in range(POOL_SIZE + 2):
+        generate_tokens(model, ids[:1], mask[:1], semantic_max_new_tokens=4 + n)
+    assert len(_POOLS[model.semantic]) == POOL_SIZE

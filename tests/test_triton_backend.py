@@ -240,6 +240,25 @@ def test_key_ranges_cover_exactly_the_visible_keys(causal, len_q, len_k, m_block
         assert seen_by_some <= set(covered)
 
 
+@triton.jit
+def _tensor_bounded_loop_probe(Out, n, BLOCK: tl.constexpr):
+    """Counts the trips of a loop whose bound is a tensor, as the attention kernels' key loops are."""
+    trips = n * 0
+    for _ in range(0, tl.minimum(n, 64), BLOCK):
+        trips += 1
+    tl.store(Out, trips)
+
+
+@pytest.mark.parametrize("n,trips", [(40, 3), (64, 4), (100, 4), (0, 0)])
+def test_loops_with_tensor_bounds(n, trips):
+    """`range(lo, tl.minimum(...))`: Triton <= 3.6's interpreter converts such bounds with int() of a 1-element array,
+    which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); the project's
+    _interpreter_compat patch makes it work (the GPU machine's stack is triton 3.6 with numpy 2.5). Compiled on CUDA."""
+    out = torch.full((1,), -1, dtype=torch.int32, device=DEVICE)
+    _tensor_bounded_loop_probe[(1,)](out, n, BLOCK=16)
+    assert out.item() == trips
+
+
 def test_varlen_lengths_zero_and_one():
     dtype = torch.float16
     lengths_q, lengths_k = [0, 1, 17, 1], [0, 1, 30, 5]
