@@ -835,6 +835,8 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     device = model.device
     events = events if events is not None else _Events(callback, device)
     batch = input_ids.shape[0]
+    for causal in (model.semantic, model.coarse_acoustics):  # CPU decode reads wide weights faster transposed
+        causal.set_decode_layout(device.type == "cpu")
     histories = _normalize_histories(history_prompt, batch, gen, device)
     embeds = semantic_input_embeds(model, input_ids, attention_mask, histories, gen)
     semantic = generate_semantic(model, embeds, gen, sem_params, max_new, min_eos_p, sync_every, generator,
