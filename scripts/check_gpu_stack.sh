@@ -11,6 +11,7 @@
 # bark_kernels._C wherever nvcc is found (BARK_KERNELS_SKIP_CUDA_BUILD=1 skips it).
 #   PYTHON   the Python 3.12 interpreter (default: python3.12 on PATH, else the newest 3.12 under pyenv)
 #   VENV     the environment, created or reused (default: .venv-gpu-stack)
+#   INSTALL_FAIL_OK=1  a stack pip cannot install (no index, no disk) is a loud SKIP, not a failure (CI uses this)
 # A reused environment is only reinstalled when a pin is off or what the install builds from changed (setup.py,
 # pyproject.toml, csrc/, bark_kernels/_jit.py). Measured on a 2-core CPU machine: first run ~7 min (~2.5 min installing
 # ~5 GB, mostly torch's CUDA libraries, ~1.7 min building the extension, ~2.7 min of tests), later runs ~2.5 min.
@@ -63,7 +64,14 @@ for pin in sys.argv[1:]:
 EOF
 then
     echo "== installing ${STACK[*]} and the test tools (~5 GB installed)"
-    "$PY" -m pip install --quiet "${STACK[@]}" "${TOOLS[@]}"
+    if ! "$PY" -m pip install --quiet "${STACK[@]}" "${TOOLS[@]}"; then
+        if [ "${INSTALL_FAIL_OK:-0}" = 1 ]; then
+            echo "check_gpu_stack: SKIP: pip could not install the GPU machine's stack; the suite was NOT run under it"
+            exit 0
+        fi
+        echo "check_gpu_stack: FAIL: pip could not install ${STACK[*]}" >&2
+        exit 1
+    fi
 fi
 
 # the project, as the GPU machine installs it; again only when its build inputs changed

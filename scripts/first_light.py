@@ -160,9 +160,10 @@ import json, os, platform, shutil, subprocess, sys, time
 facts = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count()}
 def ver(name):
     try:
-        return __import__(name).__version__
+        module = __import__(name)
     except Exception as exc:
         return f"not importable ({type(exc).__name__})"
+    return getattr(module, "__version__", "importable (no __version__)")
 for name in ("torch", "triton", "transformers", "numpy", "xdist", "pytest_timeout", "matplotlib"):
     facts[name] = ver(name)
 def sh(*argv):
@@ -307,7 +308,8 @@ def step_tests(s: Session, deadline: float, selection: list[str] | None) -> Step
     if selection:
         argv += selection
     else:  # the GPU-relevant files first, then the rest of the suite (pytest drops the duplicates)
-        argv += ["tests/test_triton_backend.py", "tests/test_cuda_backend.py", "tests/test_kvcache.py",
+        argv += ["tests/test_session.py", "tests/test_triton_backend.py", "tests/test_cuda_backend.py",
+                 "tests/test_kvcache.py",
                  "tests/test_attention.py", "tests/test_varlen.py", "tests/test_model.py", "tests/test_generation.py",
                  "tests"]
     r.command = " ".join(argv)
@@ -330,8 +332,26 @@ def step_tests(s: Session, deadline: float, selection: list[str] | None) -> Step
         r.status = "ok"
     else:
         r.status = "failed"
+    crashed = [n for n in failed if "crashed" in n]
+    if crashed and not s.cpu:
+        notes.append(_diagnose_crash(s, crashed[0]))
     r.note = "\n".join(notes)
     return r
+
+
+def _diagnose_crash(s: Session, failed_name: str) -> str:
+    """A test that killed its worker: run it alone under cuda-gdb (batch mode) for the native backtrace."""
+    gdb = shutil.which("cuda-gdb")
+    m = re.search(r"crashed while running '([^']+)'", failed_name)
+    if gdb is None or m is None:
+        return "crash: no cuda-gdb or no test id to rerun"
+    node = m.group(1)
+    argv = [gdb, "-batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 25", "--args", s.python, "-m",
+            "pytest", "-x", "-q", "-p", "no:cacheprovider", node]
+    rc, timed_out, out = s.run("tests", argv, "crash-gdb.log", 90.0)
+    frames = [ln for ln in out.splitlines() if ln.startswith("#") or "SIG" in ln]
+    return f"crash rerun under cuda-gdb ({node}, exit {rc}{', deadline' if timed_out else ''}):\n" + \
+        "\n".join(frames[:30])
 
 
 def junit_counts(path: Path) -> dict:
@@ -376,8 +396,8 @@ def step_decode(s: Session, deadline: float) -> StepResult:
     if path.exists():
         payload = json.loads(path.read_text())
         r.figures["records"] = [{k: rec.get(k) for k in ("model", "batch", "mode", "dtype", "status", "us_per_step",
-                                                         "x_floor", "achieved_gbps", "tokens_per_s",
-                                                         "tokens_equal_first_mode", "reason")}
+                                                         "min_us", "floor_us", "x_floor", "achieved_gbps",
+                                                         "tokens_per_s", "tokens_equal_first_mode", "reason")}
                                 for rec in payload.get("records", [])]
         r.figures["copy_gbps"] = payload.get("copy_bandwidth_gbps")
         r.figures["skipped"] = payload.get("skipped", [])
@@ -547,19 +567,21 @@ def summary_markdown(s: Session) -> str:
     lines.append("")
     d = s.results["decode"].figures
     if d.get("records"):
-        lines += [f"### Decode step (copy bandwidth {d.get('copy_gbps') or 0:.0f} GB/s)", "",
-                  "| model | batch | mode | dtype | µs/step | x floor | GB/s | tokens/s | same tokens |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"### Decode step (copy bandwidth {d.get('copy_gbps') or 0:.0f} GB/s; floor = weight + KV bytes "
+                  "at the copy bandwidth on a GPU, at the measured weight-read rate on a CPU)", "",
+                  "| model | batch | mode | dtype | µs/step | best rep µs | floor µs | x floor | GB/s | tokens/s | "
+                  "same tokens |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for x in d["records"]:
             if x["status"] == "ok":
                 lines.append(f"| {x['model']} | {x['batch']} | {x['mode']} | {x['dtype']} | {x['us_per_step']:.1f} "
-                             f"| {_num(x.get('x_floor'))} | {_num(x.get('achieved_gbps'), 0)} | "
-                             f"{_num(x.get('tokens_per_s'), 0)} | {x['tokens_equal_first_mode']} |")
+                             f"| {_num(x.get('min_us'), 1)} | {_num(x.get('floor_us'), 1)} | {_num(x.get('x_floor'))} "
+                             f"| {_num(x.get('achieved_gbps'), 0)} | {_num(x.get('tokens_per_s'), 0)} | "
+                             f"{x['tokens_equal_first_mode']} |")
             else:
                 lines.append(f"| {x['model']} | {x['batch']} | {x['mode']} | {x['dtype']} | {x['status']}: "
-                             f"{(x.get('reason') or '')[:150]} | | | | |")
+                             f"{(x.get('reason') or '')[:150]} | | | | | | |")
         for sk in d.get("skipped", []):
-            lines.append(f"| {sk['model']} | {sk['batch']} | skipped: {sk['reason'][:150]} | | | | | | |")
+            lines.append(f"| {sk['model']} | {sk['batch']} | skipped: {sk['reason'][:150]} | | | | | | | | |")
         lines.append("")
     k = s.results["bench"].figures
     if k.get("kernels"):
