@@ -54,14 +54,18 @@ class DecodeBench:
     dtype: torch.dtype
     first_tokens: torch.Tensor = field(default=None)  # (B,) the token after the prompt
     max_seqlen: int = 0
+    stage: str = "semantic"
+    head_slices: list = field(default_factory=list)  # lm-head rows (lo, hi) of each step variant (alternating)
 
     def weight_bytes(self) -> int:
-        """Bytes of the weights one step reads: every layer, the final norm, the lm-head rows used."""
+        """Bytes of the weights one step reads: every layer, the final norm, the lm-head rows used (on average over
+        the step variants)."""
         m = self.model
         total = sum(p.numel() * p.element_size() for p in m.layers.parameters())
         total += sum(p.numel() * p.element_size() for p in m.layernorm_final.parameters())
         head = m.lm_head.weight
-        total += self.n_allowed * head.shape[1] * head.element_size()
+        rows = sum(hi - lo for lo, hi in self.head_slices) / len(self.head_slices)
+        total += int(rows * head.shape[1] * head.element_size())
         return total
 
     def kv_bytes(self) -> int:
@@ -71,33 +75,59 @@ class DecodeBench:
         return int(2 * cfg.num_layers * self.batch * mean_len * cfg.hidden_size * self.dtype.itemsize)
 
 
-def model_config(name: str):
-    """The semantic sub-model config of bark-small / bark, or a tiny one ('tiny') for smoke runs."""
-    from bark.config import BarkSubModelConfig, bark_config, bark_small_config
+PROMPT_LEN = {"semantic": 256, "coarse": 800}  # cached positions at the first step (Bark: 257; coarse up to 887)
 
-    if name == "bark-small":
-        return bark_small_config().semantic_config
+
+def full_config(name: str):
+    from bark.config import bark_config, bark_small_config
+
     if name == "bark":
-        return bark_config().semantic_config
+        return bark_config()
+    return bark_small_config()
+
+
+def model_config(name: str, stage: str = "semantic"):
+    """The semantic or coarse sub-model config of bark-small / bark, or a tiny one ('tiny') for smoke runs."""
+    from bark.config import BarkSubModelConfig
+
+    if stage not in ("semantic", "coarse"):
+        raise ValueError(f"stage: expected semantic or coarse, got {stage!r}")
+    if name in ("bark-small", "bark"):
+        full = full_config(name)
+        return full.semantic_config if stage == "semantic" else full.coarse_acoustics_config
     if name == "tiny":
         return BarkSubModelConfig(block_size=128, input_vocab_size=320, output_vocab_size=320, num_layers=2,
                                   num_heads=2, hidden_size=64, dropout=0.0, bias=False)
     raise ValueError(f"model: expected bark-small, bark or tiny, got {name!r}")
 
 
+def head_slices(name: str, stage: str, vocab: int) -> list[tuple[int, int]]:
+    """The lm-head rows each step variant reads: semantic one slice, coarse one per codebook (alternating)."""
+    if name == "tiny":
+        return [(0, vocab)] if stage == "semantic" else [(0, vocab // 2), (vocab // 2, vocab)]
+    gen = full_config(name).generation_config
+    if stage == "semantic":
+        cfg = gen.semantic_config
+        return [(0, max(cfg.semantic_vocab_size, cfg.semantic_pad_token) + 1)]
+    sem, cb = gen.semantic_config.semantic_vocab_size, gen.codebook_size
+    n = gen.coarse_acoustics_config.n_coarse_codebooks
+    return [(sem + i * cb, sem + (i + 1) * cb if i < n - 1 else vocab) for i in range(n)]
+
+
 def build(name: str, batch: int, device: torch.device, dtype: torch.dtype, prompt_len: int, steps: int,
-          attn: str | None = None, seed: int = 0) -> DecodeBench:
+          attn: str | None = None, seed: int = 0, stage: str = "semantic") -> DecodeBench:
     from bark.model import BarkCausalModel
 
-    cfg = model_config(name)
+    cfg = model_config(name, stage)
     torch.manual_seed(seed)
     with torch.device(device):  # initialised where it runs (seconds on a CPU for bark's 24 layers)
         model = BarkCausalModel(cfg, attn_backend=attn)  # torch's default init: varied greedy tokens
     model = model.to(dtype=dtype).eval()
-    n_allowed = min(10_001, cfg.output_vocab_size)
+    slices = head_slices(name, stage, cfg.output_vocab_size)
+    n_allowed = slices[0][1]
     prompt_len = min(prompt_len, cfg.block_size - steps - 1)
     bench = DecodeBench(name, model, batch, prompt_len, steps, n_allowed, device, dtype,
-                        max_seqlen=prompt_len + steps + 1)
+                        max_seqlen=prompt_len + steps + 1, stage=stage, head_slices=slices)
     gen = torch.Generator().manual_seed(seed + 1)
     embeds = (torch.randn(batch, prompt_len, cfg.hidden_size, generator=gen) * 0.02).to(device=device, dtype=dtype)
     bench.prompt_embeds = embeds
@@ -108,14 +138,26 @@ def build(name: str, batch: int, device: torch.device, dtype: torch.dtype, promp
 # modes on the model's own decode step
 
 
-def _eager(bench: DecodeBench):
+def _pick(model, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Greedy token over lm-head rows lo..hi-1, as a full-vocabulary id (B,)."""
+    return torch.argmax(model.lm_logits(hidden, lo, hi).float(), dim=-1) + lo
+
+
+def _prefilled(bench: DecodeBench):
+    """The model as loaded, a cache holding the prompt, and the first token (variant 0's head)."""
     model = bench.model
     model.set_decode_layout(False)  # the model as loaded (what decoding used before sessions)
     cache = model.new_cache(bench.batch, bench.max_seqlen)
     with torch.no_grad():
         hidden = model.prefill(bench.prompt_embeds, cache)
-        first = torch.argmax(model.lm_logits(hidden, 0, bench.n_allowed).float(), dim=-1)  # (B,)
-    prompt = [bench.prompt_len] * bench.batch
+        first = _pick(model, hidden, *bench.head_slices[0])
+    return model, cache, first, [bench.prompt_len] * bench.batch
+
+
+def _eager(bench: DecodeBench):
+    """The model's own decode_step called per step (the public attention API per layer): decoding before sessions."""
+    model, cache, first, prompt = _prefilled(bench)
+    slices = bench.head_slices
 
     def reset():
         cache.set_lengths(prompt)
@@ -124,9 +166,9 @@ def _eager(bench: DecodeBench):
     def run(n: int) -> torch.Tensor:
         tok = first
         out = []
-        for _ in range(n):
+        for i in range(n):
             hidden = model.decode_step(tok, cache)
-            tok = torch.argmax(model.lm_logits(hidden, 0, bench.n_allowed).float(), dim=-1)
+            tok = _pick(model, hidden, *slices[(i + 1) % len(slices)])
             out.append(tok)
         return torch.stack(out)  # (n, B)
 
@@ -134,34 +176,36 @@ def _eager(bench: DecodeBench):
 
 
 def _graph(bench: DecodeBench):
+    """The same step captured as CUDA graphs (one per head variant) and replayed."""
     if bench.device.type != "cuda":
         raise RuntimeError("CUDA graphs need a CUDA device")
-    model = bench.model
-    model.set_decode_layout(False)
-    cache = model.new_cache(bench.batch, bench.max_seqlen)
-    with torch.no_grad():
-        hidden = model.prefill(bench.prompt_embeds, cache)
-        first = torch.argmax(model.lm_logits(hidden, 0, bench.n_allowed).float(), dim=-1)
-    prompt = [bench.prompt_len] * bench.batch
-    tok = first.clone()  # static input/output of the captured step
+    model, cache, first, prompt = _prefilled(bench)
+    slices = bench.head_slices
+    tok = first.clone()  # static input/output of the captured steps
 
-    def step():
-        hidden = model.decode_step(tok, cache)
-        tok.copy_(torch.argmax(model.lm_logits(hidden, 0, bench.n_allowed).float(), dim=-1))
+    def step_fn(lo, hi):
+        def step():
+            hidden = model.decode_step(tok, cache)
+            tok.copy_(_pick(model, hidden, lo, hi))
 
-    # warm every kernel variant on a side stream, then capture one step
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.no_grad():
-        for _ in range(3):
-            cache.set_lengths(prompt)
-            tok.copy_(first)
+        return step
+
+    graphs = []
+    for lo, hi in slices:  # warm every kernel variant on a side stream, then capture one step
+        step = step_fn(lo, hi)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(3):
+                cache.set_lengths(prompt)
+                tok.copy_(first)
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        cache.set_lengths(prompt)
+        with torch.no_grad(), torch.cuda.graph(graph):
             step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    cache.set_lengths(prompt)
-    with torch.no_grad(), torch.cuda.graph(graph):
-        step()
+        graphs.append(graph)
 
     def reset():
         cache.set_lengths(prompt)  # host copy is not advanced by replays; the device lengths are what count
@@ -169,8 +213,8 @@ def _graph(bench: DecodeBench):
 
     def run(n: int) -> torch.Tensor:
         out = []
-        for _ in range(n):
-            graph.replay()
+        for i in range(n):
+            graphs[(i + 1) % len(graphs)].replay()
             out.append(tok.clone())
         return torch.stack(out)
 
@@ -178,23 +222,27 @@ def _graph(bench: DecodeBench):
 
 
 def _session(mode: str):
-    """A prepared decode session (bark.session) with the real semantic head (logits processing, greedy pick, finished
-    mask, token record): what generate runs."""
+    """A prepared decode session (bark.session) with the real heads (semantic: logits processing, greedy pick,
+    finished mask; coarse: one head per codebook, alternating), exactly what generate runs."""
 
     def builder(bench: DecodeBench):
-        from bark.config import bark_config, bark_small_config
-        from bark.generation import SamplingParams, _SemanticHead, _TokenRecord
+        from bark.generation import SamplingParams, _CoarseHead, _SemanticHead, _TokenRecord
         from bark.session import WARMUP_STEPS, DecodeSession
 
-        gen = (bark_config() if bench.name == "bark" else bark_small_config()).generation_config
+        gen = full_config(bench.name).generation_config
+        cfg = gen.semantic_config
         if bench.name == "tiny":  # ids inside the tiny vocabulary (the pad is the EOS)
-            gen.semantic_config.semantic_vocab_size = bench.n_allowed - 1
-            gen.semantic_config.eos_token_id = bench.n_allowed - 1
-        pad = gen.semantic_config.semantic_pad_token
+            cfg.semantic_vocab_size = bench.n_allowed - 1
+            cfg.eos_token_id = bench.n_allowed - 1
         bench.model.set_decode_layout(bench.device.type == "cpu")  # as generate does
-        record = _TokenRecord(bench.batch, bench.steps + 1 + WARMUP_STEPS, pad, bench.device)
-        head = _SemanticHead(bench.model, record, gen, SamplingParams(), None, 0, None)
-        session = DecodeSession(bench.model, bench.batch, bench.max_seqlen, [head], mode)
+        width = bench.steps + 1 + WARMUP_STEPS
+        if bench.stage == "semantic":
+            record = _TokenRecord(bench.batch, width, cfg.semantic_pad_token, bench.device)
+            heads = [_SemanticHead(bench.model, record, gen, SamplingParams(), None, 0, None)]
+        else:
+            record = _TokenRecord(bench.batch, width, 0, bench.device)
+            heads = [_CoarseHead(bench.model, record, sl, SamplingParams(), None) for sl in bench.head_slices]
+        session = DecodeSession(bench.model, bench.batch, bench.max_seqlen, heads, mode)
         session.prefill(bench.prompt_embeds)
         if session.fallback:
             raise RuntimeError(f"capture fell back to eager: {session.fallback}")
@@ -208,8 +256,8 @@ def _session(mode: str):
             record.col.fill_(1)
 
         def run(n: int) -> torch.Tensor:
-            for _ in range(n):
-                session.step()
+            for i in range(n):
+                session.step((i + 1) % len(heads))
             return record.tokens[:, 1:n + 1].transpose(0, 1)  # (n, B)
 
         return reset, run
@@ -280,7 +328,7 @@ def measure(bench: DecodeBench, modes: list[str], copy_gbps: float | None, reps:
     reference = None
     w_bytes, kv_bytes = bench.weight_bytes(), bench.kv_bytes()
     for mode in modes:
-        rec = {"section": "decode-step", "model": bench.name, "batch": bench.batch, "mode": mode,
+        rec = {"section": "decode-step", "stage": bench.stage, "model": bench.name, "batch": bench.batch, "mode": mode,
                "dtype": str(bench.dtype).replace("torch.", ""), "prompt_len": bench.prompt_len, "steps": bench.steps,
                "attn_backend": bench.model.attn_backend or "auto", "weight_bytes": w_bytes, "kv_bytes": kv_bytes}
         records.append(rec)
@@ -329,8 +377,9 @@ def _quantile(xs: list[float], q: float) -> float:
 
 def run(out_dir: str | Path, quick: bool = False, budget_seconds: float = 120.0, models: list[str] | None = None,
         batches: list[int] | None = None, modes: list[str] | None = None, dtype: str | None = None,
-        attn: str | None = None) -> dict:
-    """Measure every (model, batch) in order until the budget is spent; writes DIR/decode.json after each case."""
+        attn: str | None = None, stages: list[str] | None = None) -> dict:
+    """Measure every (stage, model, batch) in order until the budget is spent; writes DIR/decode.json after each
+    case."""
     t_start = time.monotonic()
     deadline = t_start + budget_seconds
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -340,7 +389,8 @@ def run(out_dir: str | Path, quick: bool = False, budget_seconds: float = 120.0,
         dtype = "float16" if device.type == "cuda" else "float32"
     torch_dtype = getattr(torch, dtype)
     models = models or (["tiny"] if quick else ["bark-small", "bark"])
-    batches = batches or ([1, 2] if quick else [1, 8])
+    batches = batches or ([1, 2] if quick else ([1, 8, 32, 64] if device.type == "cuda" else [1, 8]))
+    stages = stages or (["semantic"] if quick else ["semantic", "coarse"])
     modes = modes or (["eager", "session-eager", "graph", "session-graph", "session-compile"]
                       if device.type == "cuda" else ["eager", "session-eager"])
     steps = 8 if quick else (64 if device.type == "cuda" else 16)
@@ -354,26 +404,32 @@ def run(out_dir: str | Path, quick: bool = False, budget_seconds: float = 120.0,
                "copy_bandwidth_gbps": copy_gbps, "copy_bytes": copy_bytes, "weight_read_gbps": read,
                "torch_threads": torch.get_num_threads(), "config": {
                    "quick": quick, "budget_seconds": budget_seconds, "models": models, "batches": batches,
-                   "modes": modes, "steps_per_rep": steps, "reps": reps, "dtype": dtype, "attn": attn or "auto",
-                   "prompt_len": 256},
+                   "modes": modes, "stages": stages, "steps_per_rep": steps, "reps": reps, "dtype": dtype,
+                   "attn": attn or "auto", "prompt_len": PROMPT_LEN},
                "records": [], "skipped": []}
     path = out / "decode.json"
-    for name in models:
-        for batch in batches:
-            left = deadline - time.monotonic()
-            if left < 5:
-                payload["skipped"].append({"model": name, "batch": batch, "reason": f"budget: {left:.0f} s left"})
-                continue
-            try:
-                bench = build(name, batch, device, torch_dtype, prompt_len=256, steps=steps, attn=attn)
-            except Exception as exc:
-                payload["skipped"].append({"model": name, "batch": batch,
-                                           "reason": f"build failed: {type(exc).__name__}: {exc}"[:400]})
-                continue
-            # inductor compiles for minutes at real sizes: its mode is measured on the first case only
-            case_modes = [m for m in modes if m != "session-compile" or (name, batch) == (models[0], batches[0])]
-            payload["records"].extend(measure(bench, case_modes, copy_gbps, reps, read["best"]))
-            del bench
+    # most telling first: batch 1 and the first model of every stage, then the rest (a budget cut drops the least)
+    cases = [(st, m, b) for b in batches for m in models for st in stages]
+    cases.sort(key=lambda c: (c[2] != batches[0] or c[1] != models[0], batches.index(c[2]), models.index(c[1])))
+    for stage, name, batch in cases:
+        left = deadline - time.monotonic()
+        if left < 5:
+            payload["skipped"].append({"stage": stage, "model": name, "batch": batch,
+                                       "reason": f"budget: {left:.0f} s left"})
+            continue
+        try:
+            bench = build(name, batch, device, torch_dtype, prompt_len=PROMPT_LEN[stage], steps=steps, attn=attn,
+                          stage=stage)
+        except Exception as exc:
+            payload["skipped"].append({"stage": stage, "model": name, "batch": batch,
+                                       "reason": f"build failed: {type(exc).__name__}: {exc}"[:400]})
+            continue
+        # inductor compiles for minutes at real sizes: its mode is measured on the first case only
+        case_modes = [m for m in modes if m != "session-compile" or (stage, name, batch) == cases[0]]
+        payload["records"].extend(measure(bench, case_modes, copy_gbps, reps, read["best"]))
+        del bench
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
             payload["wall_seconds"] = time.monotonic() - t_start
             path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     payload["wall_seconds"] = time.monotonic() - t_start
@@ -389,20 +445,20 @@ def table(payload: dict) -> str:
              f"{read.get('best', float('nan')):.1f} GB/s (contiguous {read.get('contiguous', float('nan')):.1f}, "
              f"transposed {read.get('transposed', float('nan')):.1f}). Floor: (weight + KV bytes) / "
              f"{'copy bandwidth' if payload['environment'].get('device_type') == 'cuda' else 'weight-read rate'}.",
-             "", "| model | batch | mode | dtype | µs/step (median) | best rep | floor µs | % of floor | GB/s | tokens/s "
-             "| same tokens | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| stage | model | batch | mode | dtype | µs/step (median) | best rep | floor µs | % of floor | GB/s | "
+             "tokens/s | same tokens | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["records"]:
         if r.get("status") == "ok":
-            lines.append(f"| {r['model']} | {r['batch']} | {r['mode']} | {r['dtype']} | {r['us_per_step']:.1f} | "
-                         f"{r['min_us']:.1f} | {r.get('floor_us', float('nan')):.1f} | "
+            lines.append(f"| {r['stage']} | {r['model']} | {r['batch']} | {r['mode']} | {r['dtype']} | "
+                         f"{r['us_per_step']:.1f} | {r['min_us']:.1f} | {r.get('floor_us', float('nan')):.1f} | "
                          f"{100 * r.get('fraction_of_bound', float('nan')):.0f}% | {r['achieved_gbps']:.1f} | "
                          f"{r['tokens_per_s']:.0f} | {r['tokens_equal_first_mode']} | ok |")
         else:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['mode']} | {r['dtype']} | — | — | — | — | — | — | — | "
-                         f"{r.get('status')}: {r.get('reason', '')[:120]} |")
+            lines.append(f"| {r['stage']} | {r['model']} | {r['batch']} | {r['mode']} | {r['dtype']} | — | — | — | — "
+                         f"| — | — | — | {r.get('status')}: {r.get('reason', '')[:120]} |")
     for s in payload["skipped"]:
-        lines.append(f"| {s['model']} | {s['batch']} | — | — | — | — | — | — | — | — | — | skipped: "
-                     f"{s['reason'][:120]} |")
+        lines.append(f"| {s.get('stage', '')} | {s['model']} | {s['batch']} | — | — | — | — | — | — | — | — | — | "
+                     f"skipped: {s['reason'][:120]} |")
     return "\n".join(lines)
 
 
@@ -414,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=120.0, help="wall-clock budget in seconds")
     parser.add_argument("--models", default=None, help="comma-separated: bark-small, bark, tiny")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
+    parser.add_argument("--stages", default=None, help="comma-separated: semantic, coarse")
     parser.add_argument("--modes", default=None, help=f"comma-separated, of {sorted(_MODES)}")
     parser.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--attn", default=None, help="bark_kernels backend (default: automatic)")
@@ -433,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         if m not in _MODES:
             parser.error(f"--modes: unknown mode {m!r}; known: {sorted(_MODES)}")
     payload = run(args.out, quick=args.quick, budget_seconds=args.budget, models=split(args.models),
-                  batches=batches, modes=modes, dtype=args.dtype, attn=args.attn)
+                  batches=batches, modes=modes, dtype=args.dtype, attn=args.attn, stages=split(args.stages))
     print(table(payload))
     failed = [r for r in payload["records"] if r.get("status") != "ok" or not r.get("tokens_equal_first_mode")]
     return 1 if failed else 0
