@@ -35,7 +35,7 @@ import torch
 from torch.nn import functional as F
 
 from .config import BarkGenerationConfig
-from .session import DECODE_MODES, WARMUP_STEPS as _WARMUP_STEPS, DecodeSession, pooled
+from .session import DECODE_MODES, WARMUP_STEPS as _WARMUP_STEPS, DecodeSession, FinePasses, pooled
 
 __all__ = ["generate", "generate_tokens", "SamplingParams", "StageEvent", "TokenChoices", "split_generate_kwargs"]
 
@@ -670,9 +670,36 @@ def _observe_fine(observer: Observer, n_outer: int, n_inner: int, batch_rows: li
                           scores.reshape(n_rows * n_pos, -1).float(), preds.reshape(-1), (~keep_old).reshape(-1)))
 
 
+def _fine_window_static(static: FinePasses, rows: list[dict], active_rows: list[int], window: torch.Tensor,
+                        rels: list[int], observer, n_outer: int, active: list[dict], starts: list[int], rel_min: int,
+                        win: int, n_coarse: int, n_fine: int, cb: int, events: _Events) -> None:
+    """One fine window of the active rows on the static passes (greedy): rows not active this window stay in the
+    batch, masked (keep everywhere); the results are copied back into ``window`` (B', win, n_fine)."""
+    idx = torch.tensor(active_rows, dtype=torch.long, device=window.device)
+    static.keep.fill_(True)
+    static.window[idx] = window
+    positions = torch.arange(win, device=window.device)[None, :]  # (1, win)
+    static.keep[idx] = positions < torch.tensor(rels, device=window.device)[:, None]  # (B', win)
+    for n_inner in range(n_coarse, n_fine):
+        if observer is None:
+            static.run(n_inner)
+        else:  # the same pass, eagerly, with the scores handed to the observer
+            fine = static.fine
+            hidden = fine.hidden_states(n_inner, static.window)
+            logits = fine.lm_logits(n_inner, hidden, cb)  # (B, win, cb)
+            preds = torch.argmax(logits, dim=-1)
+            keep_old = static.keep[idx][:, rel_min:]
+            _observe_fine(observer, n_outer, n_inner, active_rows, active, starts, rel_min, win,
+                          logits[idx][:, rel_min:], preds[idx][:, rel_min:], keep_old)
+            static.window[:, :, n_inner] = torch.where(static.keep, static.window[:, :, n_inner], preds)
+        events.progress("fine", n_outer * (n_fine - n_coarse) + n_inner - n_coarse + 1)
+    window.copy_(static.window[idx])
+
+
 def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict | None], gen: BarkGenerationConfig,
                   temperature: float | None, generator: torch.Generator | None = None,
-                  events: _Events | None = None, observer: Observer | None = None) -> list[torch.Tensor]:
+                  events: _Events | None = None, observer: Observer | None = None,
+                  decode_mode: str = "auto") -> list[torch.Tensor]:
     """Codes of all codebooks of each row: list of B long tensors (n_fine_codebooks, frames_b)."""
     sem_cfg, c_cfg, cfg = gen.semantic_config, gen.coarse_acoustics_config, gen.fine_acoustics_config
     fine = model.fine_acoustics
@@ -699,6 +726,12 @@ def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict
     events = events or _Events(None, device)
     passes = max_loops * (n_fine - n_coarse)
     events.start("fine", total=passes, rows=len(rows))
+    static = None
+    if greedy and max_loops > 0:  # every row in the batch, static shapes (captured on CUDA), pooled across calls
+        batch = len(rows)
+        key = ("fine", batch, win, n_fine, n_coarse, cb, decode_mode, fine.attn_backend)
+        static = pooled(fine, key, lambda: FinePasses(fine, batch, win, n_fine, range(n_coarse, n_fine), cb, cb,
+                                                      decode_mode))
     for n_outer in range(max_loops):
         active_rows = [b for b, r in enumerate(rows) if r["n_loops"] > n_outer]
         active = [rows[b] for b in active_rows]
@@ -714,6 +747,12 @@ def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict
         rel_min = min(rels)
         keep_old = (torch.arange(win - rel_min, device=device)[None, :]
                     < (torch.tensor(rels, device=device) - rel_min)[:, None])  # (B', win - rel_min)
+        if static is not None:
+            _fine_window_static(static, rows, active_rows, window, rels, observer, n_outer, active, starts, rel_min,
+                                win, n_coarse, n_fine, cb, events)
+            for r, fill, rel, w in zip(active, fills, rels, window, strict=True):
+                r["buf"][fill: fill + (win - rel), n_coarse:] = w[rel:, n_coarse:]
+            continue
         for n_inner in range(n_coarse, n_fine):
             hidden = fine.hidden_states(n_inner, window)  # (B', win, C)
             if greedy:
@@ -842,7 +881,8 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     semantic = generate_semantic(model, embeds, gen, sem_params, max_new, min_eos_p, sync_every, generator,
                                  decode_mode, events, min_new, observer)
     coarse = generate_coarse(model, semantic, histories, gen, coarse_params, generator, decode_mode, events, observer)
-    fine = generate_fine(model, coarse, histories, gen, fine_temperature, generator, events, observer)
+    fine = generate_fine(model, coarse, histories, gen, fine_temperature, generator, events, observer,
+                         "eager" if decode_mode == "compile" else decode_mode)
     return {"semantic": semantic, "coarse": coarse, "fine": fine}
 
 

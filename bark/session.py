@@ -271,30 +271,12 @@ class DecodeSession:
                 h.restore(s)
 
     def _capture(self, fn: Callable[[], None]) -> Callable[[], None]:
-        """Warm ``fn`` up on a side stream (kernels compiled, workspaces allocated), then capture it as a CUDA graph;
-        returns the replay. The heads' generators are registered with the graph so replays draw fresh numbers."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(WARMUP_STEPS):
-                self.cache.set_lengths([0] * self.batch)
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        for g in self.generators:
-            if g.device.type == "cuda":
-                register = getattr(graph, "register_generator_state", None)
-                if register is None:
-                    raise RuntimeError("decode_mode 'graph' with a torch.Generator needs torch >= 2.5 "
-                                       "(CUDAGraph.register_generator_state); use decode_mode='eager'")
-                register(g)
+        """Warm ``fn`` up and capture it as a CUDA graph (the heads' generators registered with it, so replays draw
+        fresh numbers); returns the replay."""
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        self.cache.set_lengths([0] * self.batch)
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            fn()
-        return graph.replay
+        return _capture_graph(fn, self.device, self._graph_pool, lambda: self.cache.set_lengths([0] * self.batch),
+                              [g for g in self.generators if g.device.type == "cuda"])
 
 
 def _own_code(fn: Callable) -> Callable:
@@ -320,7 +302,7 @@ def pooled(model, key: tuple, build: Callable[[], object]):
     object depends on; the model's parameter addresses are added here (a moved or re-cast model gets new sessions:
     a captured graph holds raw device addresses)."""
     pool = _POOLS.setdefault(model, collections.OrderedDict())
-    weight = model.lm_head.weight
+    weight = next(model.parameters())
     full_key = key + (weight.data_ptr(), weight.dtype, weight.device, model.layers[0].attn.att_proj.weight.data_ptr())
     item = pool.get(full_key)
     if item is None:
@@ -331,6 +313,80 @@ def pooled(model, key: tuple, build: Callable[[], object]):
     else:
         pool.move_to_end(full_key)
     return item
+
+
+class FinePasses:
+    """The fine stage's greedy passes on static shapes: one window buffer (B, win, n_codes) and a keep mask (B, win)
+    filled per window; ``run(n)`` predicts codebook ``n`` at every position of every row (full-window logits, as
+    transformers computes them) and writes it where ``keep`` is False. On CUDA with ``mode='graph'`` each codebook's
+    pass is warmed up and captured once, then replayed."""
+
+    def __init__(self, fine, batch: int, win: int, n_codes: int, codebooks: Sequence[int], codebook_size: int,
+                 fill: int, mode: str) -> None:
+        weight = next(fine.parameters())
+        self.fine, self.device = fine, weight.device
+        self.mode = resolve_mode(mode, self.device)
+        self.window = torch.full((batch, win, n_codes), fill, dtype=torch.long, device=self.device)
+        self.keep = torch.ones(batch, win, dtype=torch.bool, device=self.device)
+        self.codebook_size = codebook_size
+        self.fallback: str | None = None
+        self._runners: dict[int, Callable[[], None]] = {}
+        if self.mode == "graph":
+            pool = torch.cuda.graph_pool_handle()
+            saved = self.window.clone()
+            for n in codebooks:
+                try:
+                    self._runners[n] = _capture_graph(self._pass_fn(n), self.device, pool, lambda: None)
+                except Exception as exc:  # keep generating, say why (tests assert there is no fallback)
+                    self.fallback = f"{type(exc).__name__}: {exc}"
+                    logger.warning("bark: CUDA-graph capture of the fine pass failed (%s); running it eagerly",
+                                   self.fallback)
+                    self._runners = {}
+                    break
+            self.window.copy_(saved)
+
+    def _pass_fn(self, n: int) -> Callable[[], None]:
+        fine, window, keep, cb = self.fine, self.window, self.keep, self.codebook_size
+
+        def run() -> None:
+            hidden = fine.hidden_states(n, window)  # (B, win, C)
+            preds = torch.argmax(fine.lm_logits(n, hidden, cb), dim=-1)  # (B, win)
+            window[:, :, n] = torch.where(keep, window[:, :, n], preds)
+
+        return run
+
+    @torch.no_grad()
+    def run(self, n: int) -> None:
+        runner = self._runners.get(n)
+        if runner is None:
+            runner = self._pass_fn(n)
+        runner()
+
+
+def _capture_graph(fn: Callable[[], None], device: torch.device, pool, reset: Callable[[], None],
+                   generators: Sequence[torch.Generator] = ()) -> Callable[[], None]:
+    """Warm ``fn`` up on a side stream (every kernel compiled, workspaces allocated), then capture it as a CUDA graph in
+    ``pool``; ``reset()`` runs before each warm-up call and before the capture; ``generators`` (CUDA) are registered
+    with the graph. Returns the replay."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(WARMUP_STEPS):
+            reset()
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    for g in generators:
+        register = getattr(graph, "register_generator_state", None)
+        if register is None:
+            raise RuntimeError("decode_mode 'graph' with a torch.Generator needs torch >= 2.5 "
+                               "(CUDAGraph.register_generator_state); use decode_mode='eager'")
+        register(g)
+    reset()
+    with torch.no_grad(), torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph.replay
 
 
 @contextlib.contextmanager
