@@ -403,11 +403,11 @@ class _SemanticHead:
     def pick(self, scores: torch.Tensor) -> torch.Tensor:
         """scores (B, vocab) -> next tokens (B,): sampling/argmax, pad for finished rows, recorded."""
         nxt = select_tokens(scores, self.params, self.generator)  # (B,)
-        if self.observer is not None:
+        if self.observer is not None:  # (host state touched only here: a compiled step must not read it)
             rows = torch.arange(nxt.shape[0], device=nxt.device)
             self.observer(TokenChoices("semantic", (self.step,), rows, torch.full_like(rows, self.step), scores, nxt,
                                        ~self.record.finished))
-        self.step += 1
+            self.step += 1
         nxt = nxt.masked_fill(self.record.finished, self.pad)
         self.record.record(nxt)
         self.record.finished.logical_or_(nxt == self.eos)

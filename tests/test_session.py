@@ -34,7 +34,7 @@ def _semantic_session(model, batch, mode, backend, params=SamplingParams(), gene
     semantic = model.semantic
     semantic.attn_backend = backend
     gen = model.generation_config
-    record = _TokenRecord(batch, 12, gen.semantic_config.semantic_pad_token, model.device)
+    record = _TokenRecord(batch, 16, gen.semantic_config.semantic_pad_token, model.device)
     head = _SemanticHead(semantic, record, gen, params, None, 0, generator)
     session = bark_session.DecodeSession(semantic, batch, 40, [head], mode, generators=[generator], **kw)
     embeds = torch.randn(batch, 9, semantic.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -58,7 +58,10 @@ def test_whole_step_traces_fullgraph_and_gives_the_eager_tokens(model, backend):
                 gen = torch.Generator().manual_seed(11) if params.do_sample else None
                 session, record, embeds = _semantic_session(model, 2, mode, backend, params, gen,
                                                             compile_backend="aot_eager")
-                _run(session, embeds, 7)
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                _run(session, embeds, 11)  # more steps than dynamo's recompile limit (8)
+                if mode == "compile":  # compiled once: nothing in the step guards on a value that changes per step
+                    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
                 runs[mode] = record.tokens.clone()
             assert torch.equal(runs["eager"], runs["compile"]), (params, runs)
             assert (runs["eager"][:, :8] != model.generation_config.semantic_config.semantic_pad_token).any()
