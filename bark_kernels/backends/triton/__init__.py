@@ -16,7 +16,8 @@ from ._env import interpreter_enabled
 
 NAME = "triton"
 
-HEAD_DIMS = (16, 32, 64, 128)
+# any head_dim up to 256: the kernels pad the head block to a power of two (16, 32, 64, 128, 256 need no padding)
+HEAD_DIMS = range(1, 257)
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ROWS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
