@@ -19,6 +19,13 @@ def describe_head_dims(head_dims) -> str:
     return str(list(head_dims))
 
 
+def head_dim_capability(head_dim: int, head_dims) -> str | None:
+    """None when ``head_dim`` is in ``head_dims``, else the reason (shared by supports() and supports_head_dim())."""
+    if head_dim not in head_dims:
+        return f"head_dim {head_dim} is not supported (supported: {describe_head_dims(head_dims)})"
+    return None
+
+
 def kernel_capability(op: str, dtype: torch.dtype, head_dim: int, attention_dtypes, head_dims,
                       row_dtypes=None) -> str | None:
     """The dtype/head_dim part of a kernel backend's ``supports()``: None when it serves (op, dtype, head_dim), else
@@ -32,9 +39,7 @@ def kernel_capability(op: str, dtype: torch.dtype, head_dim: int, attention_dtyp
         return f"unknown op {op!r}"
     if dtype not in attention_dtypes:
         return f"dtype {dtype} is not supported (the attention kernels take {' or '.join(str(d) for d in attention_dtypes)})"
-    if head_dim not in head_dims:
-        return f"head_dim {head_dim} is not supported (supported: {describe_head_dims(head_dims)})"
-    return None
+    return head_dim_capability(head_dim, head_dims)
 
 
 def visible_keys_mask(len_q: torch.Tensor, len_k: torch.Tensor, max_q: int, max_k: int, causal: bool) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import kernel_capability
+from .._common import head_dim_capability, kernel_capability
 from ._env import interpreter_enabled
 
 NAME = "triton"
@@ -54,6 +54,11 @@ def availability() -> str | None:
     if interpreter_enabled() or torch.cuda.is_available():
         return None
     return "no CUDA device, and TRITON_INTERPRET=1 (Triton's CPU interpreter) is not set"
+
+
+def supports_head_dim(head_dim: int) -> str | None:
+    """None when the attention kernels serve ``head_dim`` (on some device and dtype): checked when a model is built."""
+    return head_dim_capability(head_dim, HEAD_DIMS)
 
 
 def supports(op: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
