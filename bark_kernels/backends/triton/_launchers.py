@@ -58,7 +58,7 @@ def prefill_config(head_dim: int, dtype: torch.dtype, max_seqlen_q: int, max_seq
         return AttnConfig(_pow2_at_least(max_seqlen_q, 16, 128), _pow2_at_least(max_seqlen_k, 16, 128), 4, 1)
     head_dim = head_dim_pad(head_dim)
     if head_dim > 128:
-        return AttnConfig(16, 16, 4, 1) if dtype == torch.float32 else AttnConfig(64, 32, 8, 2)
+        return AttnConfig(16, 16, 4, 2) if dtype == torch.float32 else AttnConfig(64, 32, 8, 2)
     if dtype == torch.float32:
         # ieee fp32 dot runs on FMA units with 4-byte tiles: register pressure decides. Picked so that ptxas spills
         # (almost) nothing for sm_80 and sm_90 with triton 3.6 and 3.9 (_aot_check); the former (64, 32, 4 warps)
@@ -80,7 +80,7 @@ def decode_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, max_seqlen_k
         return AttnConfig(16, _pow2_at_least(max_seqlen_k, 16, 128), 4, 1)
     head_dim = head_dim_pad(head_dim)
     if head_dim > 128:
-        return AttnConfig(16, 16, 4, 1) if dtype == torch.float32 else AttnConfig(16, 32, 4, 2)
+        return AttnConfig(16, 16, 4, 2) if dtype == torch.float32 else AttnConfig(16, 32, 4, 2)
     if dtype == torch.float32:  # FMA dot: at D = 128 a 32-key block spilled 660 B per thread on sm_90
         return AttnConfig(16, 32 if head_dim <= 64 else 16, 4, 2)
     return AttnConfig(16, 128 if head_dim <= 64 else 64, 4, 3)
