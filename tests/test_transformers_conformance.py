@@ -285,3 +285,63 @@ def test_unpad_plan_is_built_once_per_forward(impl, monkeypatch):
         ours(step, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),
              **{_CACHE_KW: getattr(first, _CACHE_KW)})
     assert built == [5, 1]  # LAYERS layers each time, one plan per forward
+
+
+def _harness():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "transformers_bark_tests.py"
+    spec = importlib.util.spec_from_file_location("transformers_bark_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_harness_compares_junit_runs(tmp_path):
+    """scripts/transformers_bark_tests.py --compare: the tests that pass with eager and not with ours."""
+    harness = _harness()
+
+    def junit(name, cases):
+        body = "".join(f'<testcase classname="t.C" name="{n}">{inner}</testcase>' for n, inner in cases.items())
+        path = tmp_path / name
+        path.write_text(f'<testsuites><testsuite name="pytest">{body}</testsuite></testsuites>')
+        return str(path)
+
+    eager = junit("eager.xml", {"a": "", "b": "", "c": '<skipped message="x"/>', "d": '<failure message="x"/>'})
+    ours = junit("ours.xml", {"a": "", "b": '<failure message="y"/>', "c": "", "d": ""})
+    assert harness.counts(harness.junit_outcomes(eager)) == {"passed": 2, "failed": 1, "error": 0, "skipped": 1}
+    assert harness.compare(eager, ours) == ["t.C::b"]
+    assert harness.compare(ours, eager) == ["t.C::c", "t.C::d"]
+
+
+def test_harness_plugin_forces_our_attention_on_default_built_bark_models(tmp_path):
+    """The plugin, loaded as transformers' test file gets it: a Bark model built without attn_implementation gets
+    ours; one asked for "eager" by name keeps eager (and gets ours with BARK_HF_FORCE_EXPLICIT=1)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    test = tmp_path / "test_forced.py"
+    test.write_text(
+        "import os\n"
+        "from transformers import BarkSemanticConfig\n"
+        "from transformers.models.bark.modeling_bark import BarkCausalModel\n"
+        "def test_forced():\n"
+        "    cfg = dict(input_vocab_size=33, output_vocab_size=33, hidden_size=16, num_layers=1, num_heads=2)\n"
+        "    default = BarkCausalModel(BarkSemanticConfig(**cfg))\n"
+        "    named = BarkCausalModel._from_config(BarkSemanticConfig(**cfg), attn_implementation='eager')\n"
+        "    explicit = os.environ['BARK_HF_FORCE_EXPLICIT'] == '1'\n"
+        "    assert default.config._attn_implementation == 'bark_torch'\n"
+        "    assert type(default.layers[0].attn).__name__ == 'BarkKernelsSelfAttentionBarkTorch'\n"
+        "    assert named.config._attn_implementation == ('bark_torch' if explicit else 'eager')\n"
+    )
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    for explicit in ("0", "1"):
+        env = dict(os.environ, BARK_HF_FORCE_IMPL="bark_torch", BARK_HF_FORCE_EXPLICIT=explicit,
+                   PYTHONPATH=os.pathsep.join([str(scripts), str(scripts.parent), os.environ.get("PYTHONPATH", "")]))
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "transformers_bark_tests", "-p",
+                              "no:cacheprovider", str(test)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                             timeout=300)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

@@ -229,7 +229,9 @@ def test_immediate_registration_and_env_switch(monkeypatch):
 
 
 def test_unsupported_version_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "4.46.3")
+    # the transformers module object the integration reads (transformers re-creates its top-level module in
+    # sys.modules on some imports, so the test module's own reference may be another object)
+    monkeypatch.setattr(hf_integration.transformers, "__version__", "4.46.3")
     with pytest.raises(RuntimeError, match=r"transformers 4\.46\.3 is not supported.*>= 4\.54"):
         bark_kernels.register_transformers(force=True)
 
