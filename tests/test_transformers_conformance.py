@@ -345,3 +345,12 @@ def test_harness_plugin_forces_our_attention_on_default_built_bark_models(tmp_pa
                               "no:cacheprovider", str(test)], capture_output=True, text=True, env=env, cwd=tmp_path,
                              timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+def test_switching_a_built_model_checks_the_head_dim():
+    eager, _ = _pair(IMPLS[0])
+    with pytest.raises(ValueError, match=r"'bark_cuda'.*head_dim 8"):
+        hf_integration.use_bark_kernels(eager, "bark_cuda")
+    assert all(type(m) is modeling_bark.BarkSelfAttention for m in eager.modules()
+               if isinstance(m, modeling_bark.BarkSelfAttention))  # nothing switched
+    hf_integration.use_bark_kernels(eager, "triton")

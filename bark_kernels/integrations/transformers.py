@@ -343,8 +343,9 @@ def _make_attention_class(base: type) -> type:
             entry = None
             if isinstance(attention_mask, torch.Tensor):
                 entry = _mask_entry(attention_mask)
-                if entry["keep"] is None:
+                if entry["keep"] is None or tuple(entry["keep"].shape) != (batch, seqlen_k):  # host shapes only
                     entry["keep"] = self._bark_kernels_keep(attention_mask, batch, seqlen_k, query.device)
+                    entry["plans"] = {}
                 keep = entry["keep"]
             else:
                 keep = self._bark_kernels_keep(attention_mask, batch, seqlen_k, query.device)
@@ -450,6 +451,12 @@ def use_bark_kernels(model, attn_implementation: str = "triton"):
     if not attention_modules:
         raise ValueError(f"model: expected a transformers Bark model (BarkModel, BarkSemanticModel, BarkCoarseModel or "
                          f"BarkFineModel), got {type(model).__name__} without Bark attention modules")
+    backend = IMPLEMENTATIONS.get(attn_implementation)
+    for head_dim in sorted({m.head_dim for m in attention_modules}) if backend is not None else ():
+        reason = registry.head_dim_support(backend, head_dim)
+        if reason is not None:
+            raise ValueError(f"attn_implementation={attn_implementation!r}: bark_kernels backend {backend!r} cannot "
+                             f"serve this model's head_dim {head_dim}: {reason}")
     for module in attention_modules:
         module.__class__ = table[attn_implementation]
     for module in model.modules():
