@@ -315,36 +315,29 @@ def test_harness_compares_junit_runs(tmp_path):
     assert harness.compare(ours, eager) == ["t.C::c", "t.C::d"]
 
 
-def test_harness_plugin_forces_our_attention_on_default_built_bark_models(tmp_path):
-    """The plugin, loaded as transformers' test file gets it: a Bark model built without attn_implementation gets
+def test_harness_plugin_forces_our_attention_on_default_built_bark_models(monkeypatch):
+    """The plugin's switch, as transformers' test file gets it: a Bark model built without attn_implementation gets
     ours; one asked for "eager" by name keeps eager (and gets ours with BARK_HF_FORCE_EXPLICIT=1)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    import types
 
-    test = tmp_path / "test_forced.py"
-    test.write_text(
-        "import os\n"
-        "from transformers import BarkSemanticConfig\n"
-        "from transformers.models.bark.modeling_bark import BarkCausalModel\n"
-        "def test_forced():\n"
-        "    cfg = dict(input_vocab_size=33, output_vocab_size=33, hidden_size=16, num_layers=1, num_heads=2)\n"
-        "    default = BarkCausalModel(BarkSemanticConfig(**cfg))\n"
-        "    named = BarkCausalModel._from_config(BarkSemanticConfig(**cfg), attn_implementation='eager')\n"
-        "    explicit = os.environ['BARK_HF_FORCE_EXPLICIT'] == '1'\n"
-        "    assert default.config._attn_implementation == 'bark_torch'\n"
-        "    assert type(default.layers[0].attn).__name__ == 'BarkKernelsSelfAttentionBarkTorch'\n"
-        "    assert named.config._attn_implementation == ('bark_torch' if explicit else 'eager')\n"
-    )
-    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    from transformers import modeling_utils
+
+    harness = _harness()
+    original = modeling_utils.PreTrainedModel.get_correct_attn_implementation
     for explicit in ("0", "1"):
-        env = dict(os.environ, BARK_HF_FORCE_IMPL="bark_torch", BARK_HF_FORCE_EXPLICIT=explicit,
-                   PYTHONPATH=os.pathsep.join([str(scripts), str(scripts.parent), os.environ.get("PYTHONPATH", "")]))
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "transformers_bark_tests", "-p",
-                              "no:cacheprovider", str(test)], capture_output=True, text=True, env=env, cwd=tmp_path,
-                             timeout=300)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+        monkeypatch.setattr(modeling_utils.PreTrainedModel, "get_correct_attn_implementation", original)  # restored
+        monkeypatch.setenv(harness.ENV_IMPL, "bark_torch")
+        monkeypatch.setenv(harness.ENV_EXPLICIT, explicit)
+        config = types.SimpleNamespace()
+        harness.pytest_configure(config)
+        assert config._bark_hf_forced.startswith("bark_torch")
+        default = modeling_bark.BarkCausalModel(_config())
+        named = modeling_bark.BarkCausalModel._from_config(_config(), attn_implementation="eager")
+        assert default.config._attn_implementation == "bark_torch"
+        assert type(default.layers[0].attn).__name__ == "BarkKernelsSelfAttentionBarkTorch"
+        assert named.config._attn_implementation == ("bark_torch" if explicit == "1" else "eager")
+    codec = transformers.EncodecModel(transformers.EncodecConfig(hidden_size=16, num_filters=4))
+    assert codec.config._attn_implementation != "bark_torch"  # other models are left alone
 
 
 def test_switching_a_built_model_checks_the_head_dim():
