@@ -40,13 +40,25 @@ logger = logging.getLogger(__name__)
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def check_backend(backend: str | None) -> str | None:
-    """Fail early, naming what is available, when an explicitly requested backend cannot run in this process."""
+def check_backend(backend: str | None, head_dims: Sequence[int] = ()) -> str | None:
+    """Fail early, naming what is available, when an explicitly requested backend cannot run in this process or
+    cannot serve one of the model's ``head_dims`` (checked when the model is built, not at its first forward)."""
     if backend is not None and backend not in bk.available_backends():
         raise ValueError(
             f"attn_implementation: the bark_kernels backend {backend!r} is not available in this process "
             f"(available: {bk.available_backends()}); use attn_implementation='auto' to let the dispatcher choose"
         )
+    if backend is not None:
+        from bark_kernels import registry
+
+        for head_dim in sorted(set(head_dims)):
+            reason = registry.head_dim_support(backend, head_dim)
+            if reason is not None:
+                raise ValueError(
+                    f"attn_implementation: the bark_kernels backend {backend!r} cannot serve this model's head_dim "
+                    f"{head_dim}: {reason}; use attn_implementation='auto' (the dispatcher picks a backend that "
+                    f"serves it) or 'triton' (any head_dim up to 256)"
+                )
     return backend
 
 
@@ -270,7 +282,7 @@ class BarkCausalModel(nn.Module):
 
 
 def set_attn_implementation(modules: Sequence[nn.Module], attn_implementation: str) -> str | None:
-    backend = check_backend(attn_backend_name(attn_implementation))
+    backend = check_backend(attn_backend_name(attn_implementation), [m.config.head_dim for m in modules])
     for module in modules:
         module.attn_backend = backend
     return backend

@@ -19,7 +19,7 @@ import torch
 from . import registry
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = registry.MAX_HEAD_DIM
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 logger = logging.getLogger("bark_kernels")
 
 ENV_BACKEND = "BARK_KERNELS_BACKEND"
+MAX_HEAD_DIM = 256  # the largest head_dim the public API takes
 
 OP_NAMES = ("attention", "attention_varlen", "attention_with_kvcache", "gather_rows", "scatter_rows")
 
@@ -113,6 +114,20 @@ def why_not(name: str, op: str, device: torch.device, dtype: torch.dtype, head_d
         return "returning attention weights is not supported"
     mod = _load(name)
     return mod.supports(op, device, dtype, head_dim)
+
+
+def head_dim_support(name: str, head_dim: int) -> str | None:
+    """None when backend ``name`` serves attention with ``head_dim`` on some device and dtype, else the reason. Needs
+    no tensor: models check their head_dim with it when they are built. Availability (a missing extension, no GPU)
+    is not judged here: :func:`why_not` says that at the call."""
+    _check_name(name)
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or not 1 <= head_dim <= MAX_HEAD_DIM:
+        return f"head_dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim!r}"
+    mod = _load(name)
+    if isinstance(mod, str):
+        return None
+    check = getattr(mod, "supports_head_dim", None)
+    return None if check is None else check(head_dim)
 
 
 def select(op: str, device: torch.device, dtype: torch.dtype, head_dim: int, backend: str | None = None,

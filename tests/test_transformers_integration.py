@@ -229,7 +229,9 @@ def test_immediate_registration_and_env_switch(monkeypatch):
 
 
 def test_unsupported_version_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "4.46.3")
+    # the transformers module object the integration reads (transformers re-creates its top-level module in
+    # sys.modules on some imports, so the test module's own reference may be another object)
+    monkeypatch.setattr(hf_integration.transformers, "__version__", "4.46.3")
     with pytest.raises(RuntimeError, match=r"transformers 4\.46\.3 is not supported.*>= 4\.54"):
         bark_kernels.register_transformers(force=True)
 
@@ -285,8 +287,12 @@ def test_padded_prefill_then_decode_with_cache_matches_eager(eager_model, impl, 
     keep = mask.bool()
     assert _rel_err(results[1][0][keep], results[0][0][keep]) <= RTOL_FP32_MODEL
     assert _rel_err(results[1][1], results[0][1]) <= RTOL_FP32_MODEL
-    decode = [c for c in log.ops("attention_varlen")]
-    assert len(decode) == 2 * LAYERS, log.calls  # prefill and decode step, every layer, mask kept
+    # the mask was kept in both: the prefill took the varlen path in every layer, the decode step (one query) the
+    # KV-cache path over the kept keys (no host sync), every layer
+    assert len(log.ops("attention_varlen")) == LAYERS, log.calls
+    decode = log.ops("attention_with_kvcache")
+    assert len(decode) == LAYERS and all(c[1] == _BACKEND_OF[impl] for c in decode), log.calls
+    assert not log.ops("attention"), log.calls
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -367,16 +373,27 @@ def test_output_attentions_match_eager(eager_model):
     assert _rel_err(out.logits, ref.logits) <= RTOL_FP32_MODEL
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[0, :2] = 0
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="output_attentions"):
-        model.semantic(input_ids, attention_mask=mask, use_cache=False, output_attentions=True)
+    with torch.no_grad():  # with a padding mask too: transformers' eager computation, the very same weights
+        ref = eager_model.semantic(input_ids, attention_mask=mask, use_cache=False, output_attentions=True)
+        out = model.semantic(input_ids, attention_mask=mask, use_cache=False, output_attentions=True)
+    for got, want in zip(out.attentions, ref.attentions, strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(out.logits, ref.logits)
 
 
-def test_four_d_mask_and_static_cache_are_refused(eager_model):
+def test_four_d_mask_is_eagers_and_static_cache_is_refused(eager_model):
+    """A ready-made 4-D mask (assisted decoding builds one) is added as transformers' eager adds it: the same logits;
+    masks of other ranks and static caches are refused."""
     model = _twin(eager_model, "bark_torch")
     input_ids = torch.randint(0, 10_048, (1, 6))
     mask_4d = torch.zeros(1, 1, 6, 6)
+    mask_4d[..., :2] = torch.finfo(torch.float32).min  # the first two keys hidden from every query
+    with torch.no_grad():
+        out = model.semantic(input_ids, attention_mask=mask_4d, use_cache=False).logits
+        ref = eager_model.semantic(input_ids, attention_mask=mask_4d, use_cache=False).logits
+    assert torch.equal(out, ref)
     with torch.no_grad(), pytest.raises(ValueError, match="attention_mask"):
-        model.semantic(input_ids, attention_mask=mask_4d, use_cache=False)
+        model.semantic(input_ids, attention_mask=torch.ones(1, 1, 6, dtype=torch.bool), use_cache=False)
     cache = transformers.StaticCache(config=model.semantic.config, max_cache_len=32)
     with torch.no_grad(), pytest.raises(NotImplementedError, match="DynamicCache"):
         model.semantic(input_ids, use_cache=True, **{_CACHE_KW: cache})

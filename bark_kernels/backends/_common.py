@@ -12,10 +12,25 @@ ATTENTION_OPS = ("attention", "attention_varlen", "attention_with_kvcache")
 ROW_OPS = ("gather_rows", "scatter_rows")
 
 
+def describe_head_dims(head_dims) -> str:
+    """'1..256' for a range, '[16, 32, 64]' for a list."""
+    if isinstance(head_dims, range) and head_dims.step == 1:
+        return f"{head_dims.start}..{head_dims.stop - 1}"
+    return str(list(head_dims))
+
+
+def head_dim_capability(head_dim: int, head_dims) -> str | None:
+    """None when ``head_dim`` is in ``head_dims``, else the reason (shared by supports() and supports_head_dim())."""
+    if head_dim not in head_dims:
+        return f"head_dim {head_dim} is not supported (supported: {describe_head_dims(head_dims)})"
+    return None
+
+
 def kernel_capability(op: str, dtype: torch.dtype, head_dim: int, attention_dtypes, head_dims,
                       row_dtypes=None) -> str | None:
     """The dtype/head_dim part of a kernel backend's ``supports()``: None when it serves (op, dtype, head_dim), else
-    the reason. ``row_dtypes`` None means the row ops take any dtype."""
+    the reason. ``head_dims`` is a collection (a ``range`` for "any from .. to"); ``row_dtypes`` None means the row
+    ops take any dtype."""
     if op in ROW_OPS:
         if row_dtypes is not None and dtype not in row_dtypes:
             return f"{op} handles {' or '.join(str(d) for d in row_dtypes)}, got {dtype}"
@@ -24,9 +39,7 @@ def kernel_capability(op: str, dtype: torch.dtype, head_dim: int, attention_dtyp
         return f"unknown op {op!r}"
     if dtype not in attention_dtypes:
         return f"dtype {dtype} is not supported (the attention kernels take {' or '.join(str(d) for d in attention_dtypes)})"
-    if head_dim not in head_dims:
-        return f"head_dim {head_dim} is not supported (supported: {list(head_dims)})"
-    return None
+    return head_dim_capability(head_dim, head_dims)
 
 
 def visible_keys_mask(len_q: torch.Tensor, len_k: torch.Tensor, max_q: int, max_k: int, causal: bool) -> torch.Tensor:

@@ -18,7 +18,7 @@ import os
 import torch
 
 from .. import _jit
-from ._common import ROW_OPS, kernel_capability
+from ._common import ROW_OPS, head_dim_capability, kernel_capability
 
 logger = logging.getLogger("bark_kernels")
 
@@ -112,6 +112,11 @@ def availability() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device (torch.cuda.is_available() is False)"
     return None
+
+
+def supports_head_dim(head_dim: int) -> str | None:
+    """None when the attention kernels serve ``head_dim`` (on some device and dtype): checked when a model is built."""
+    return head_dim_capability(head_dim, HEAD_DIMS)
 
 
 def supports(op: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:

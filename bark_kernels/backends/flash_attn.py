@@ -40,6 +40,12 @@ def availability() -> str | None:
     return None
 
 
+def supports_head_dim(head_dim: int) -> str | None:
+    if head_dim > 256 or head_dim % 8 != 0:
+        return f"needs head_dim a multiple of 8 up to 256, got {head_dim}"
+    return None
+
+
 def supports(op: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     if device.type != "cuda":
         return f"needs a CUDA tensor, got {device.type}"
@@ -47,9 +53,7 @@ def supports(op: str, device: torch.device, dtype: torch.dtype, head_dim: int) -
         return None
     if dtype not in (torch.float16, torch.bfloat16):
         return f"needs float16 or bfloat16, got {dtype}"
-    if head_dim > 256 or head_dim % 8 != 0:
-        return f"needs head_dim a multiple of 8 up to 256, got {head_dim}"
-    return None
+    return supports_head_dim(head_dim)
 
 
 def attention(q, k, v, causal, softmax_scale, dropout_p=0.0):

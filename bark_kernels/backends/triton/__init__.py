@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from .._common import kernel_capability
+from .._common import head_dim_capability, kernel_capability
 from ._env import interpreter_enabled
 
 NAME = "triton"
 
-HEAD_DIMS = (16, 32, 64, 128)
+# any head_dim up to 256: the kernels pad the head block to a power of two (16, 32, 64, 128, 256 need no padding)
+HEAD_DIMS = range(1, 257)
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ROWS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -53,6 +54,11 @@ def availability() -> str | None:
     if interpreter_enabled() or torch.cuda.is_available():
         return None
     return "no CUDA device, and TRITON_INTERPRET=1 (Triton's CPU interpreter) is not set"
+
+
+def supports_head_dim(head_dim: int) -> str | None:
+    """None when the attention kernels serve ``head_dim`` (on some device and dtype): checked when a model is built."""
+    return head_dim_capability(head_dim, HEAD_DIMS)
 
 
 def supports(op: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:

@@ -35,11 +35,15 @@ def _attn_variants(quick: bool):
     from ._attention_kernels import MODE_DENSE, MODE_KVCACHE, MODE_VARLEN
 
     dtypes = [torch.float16] if quick else [torch.float16, torch.bfloat16, torch.float32]
-    head_dims = [64] if quick else [16, 32, 64, 128]
+    # every mode for the unpadded head dims; for the padded ones (8 -> 16, 40 -> 64, 80 and 96 -> 128, 160 -> 256)
+    # and the widest (256, its own tiles) the causal prefill, varlen and the split decode with append
+    head_dims = [64, 40] if quick else [16, 32, 64, 128, 8, 40, 80, 96, 160, 256]
     for dtype in dtypes:
         for head_dim in head_dims:
             cases = [(MODE_DENSE, True, False, False, L.prefill_config(head_dim, dtype, 1024, 1024))]
-            if not quick:
+            if not quick and head_dim not in (16, 32, 64, 128):
+                cases.append((MODE_VARLEN, True, False, False, L.prefill_config(head_dim, dtype, 512, 512)))
+            elif not quick:
                 cases += [
                     (MODE_DENSE, False, False, False, L.prefill_config(head_dim, dtype, 32, 32)),
                     (MODE_VARLEN, True, False, False, L.prefill_config(head_dim, dtype, 512, 512)),
@@ -112,6 +116,7 @@ def run(arch: int = 90, quick: bool = False, out=sys.stdout) -> list[str]:
     """Compile the variants; returns the failures (empty when every variant compiled within the shared limit)."""
     from triton.backends.compiler import GPUTarget
 
+    from . import _launchers as L
     from ._attention_kernels import _attn_fwd_kernel, _combine_splits_kernel
     from ._rows_kernels import _gather_rows_kernel, _scatter_rows_kernel
 
@@ -149,7 +154,8 @@ def run(arch: int = 90, quick: bool = False, out=sys.stdout) -> list[str]:
     for dtype, head_dim, mode, causal, has_new, split, cfg in _attn_variants(quick):
         tl_dtype = _TL_NAME[dtype]
         consts = dict(MODE=mode, CAUSAL=causal, HAS_NEW=has_new, FROM_NEW=has_new, SPLIT=split,
-                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, IEEE=dtype == torch.float32)
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim,
+                      HEAD_DIM_PAD=L.head_dim_pad(head_dim), IEEE=dtype == torch.float32)
         pointers = {n: f"*{tl_dtype}" for n in ("Q", "K", "V", "Out", "K_new", "V_new")}
         pointers.update({n: "*i32" for n in ("cu_seqlens_q", "cu_seqlens_k", "cache_seqlens")})
         pointers.update({n: "*fp32" for n in ("Acc_ws", "M_ws", "L_ws")})
@@ -157,8 +163,8 @@ def run(arch: int = 90, quick: bool = False, out=sys.stdout) -> list[str]:
                  f"BM={cfg.block_m} BN={cfg.block_n} warps={cfg.num_warps} stages={cfg.num_stages}")
         check(label, _attn_fwd_kernel, _signature(_attn_fwd_kernel, pointers, ("qk_scale",), consts), consts,
               cfg.num_warps, cfg.num_stages)
-    for head_dim in ([64] if quick else [16, 64, 128]):
-        consts = dict(NUM_SPLITS=5, SPLITS_POW2=8, HEAD_DIM=head_dim)
+    for head_dim in ([64, 40] if quick else [16, 64, 128, 8, 80, 256]):
+        consts = dict(NUM_SPLITS=5, SPLITS_POW2=8, HEAD_DIM=head_dim, HEAD_DIM_PAD=L.head_dim_pad(head_dim))
         pointers = {"Acc_ws": "*fp32", "M_ws": "*fp32", "L_ws": "*fp32", "Out": "*fp16"}
         check(f"combine D={head_dim}", _combine_splits_kernel,
               _signature(_combine_splits_kernel, pointers, (), consts), consts, 1 if head_dim <= 64 else 2, 1)

@@ -9,6 +9,10 @@ Conventions inside the kernels:
   j <= i + len_k - len_q. A query that sees no key keeps ``l == 0`` and is written as 0.
 - Key blocks that every query of the M block sees completely are processed without any mask ("full" loop); only the
   blocks crossing the causal diagonal or the end of the keys are masked; blocks no query sees are never visited.
+- Any head_dim from 1 to 256: the head block is ``HEAD_DIM_PAD`` wide (the next power of two, at least 16, as
+  ``tl.dot`` needs), and loads and stores mask the lanes ``d >= HEAD_DIM`` (zeros in, nothing out). When HEAD_DIM is
+  already a power of two >= 16 (16, 32, 64, 128, 256: ``EVEN_D``) no head mask is built at all: the code the compiler
+  sees for 64 and 128 is the same as before padding existed.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ MODE_KVCACHE = 2  # q (B, Sq, H, D), caches (B, S_max, H, D), per-row lengths in
 
 @triton.jit
 def _load_kv_block(K, K_new, k_base, knew_base, offs_n, offs_d, stride_ks, stride_kns, cache_len,
-                   load_mask, TRANSPOSED: tl.constexpr, FROM_NEW: tl.constexpr, MASKED: tl.constexpr):
-    """Load a (BLOCK_N, D) block of keys or values (or its (D, BLOCK_N) transpose).
+                   load_mask, d_ok, TRANSPOSED: tl.constexpr, FROM_NEW: tl.constexpr, MASKED: tl.constexpr,
+                   EVEN_D: tl.constexpr):
+    """Load a (BLOCK_N, D_PAD) block of keys or values (or its (D_PAD, BLOCK_N) transpose); head lanes past the
+    head_dim (``d_ok`` False, only when not EVEN_D) read as 0.
 
     With FROM_NEW (fused append), positions >= cache_len are read from the new rows instead of the cache: the cache
     rows are being written by another program of the same launch, so reading them back would race.
@@ -49,26 +55,36 @@ def _load_kv_block(K, K_new, k_base, knew_base, offs_n, offs_d, stride_ks, strid
     # (the interpreter does not), so an early return here failed to compile on a GPU whenever HEAD_DIM != BLOCK_N
     if MASKED:
         if TRANSPOSED:
-            block = tl.load(ptrs, mask=load_mask[None, :], other=0.0)
+            mask = load_mask[None, :]
+            if not EVEN_D:
+                mask = mask & d_ok[:, None]
         else:
-            block = tl.load(ptrs, mask=load_mask[:, None], other=0.0)
-    else:
+            mask = load_mask[:, None]
+            if not EVEN_D:
+                mask = mask & d_ok[None, :]
+        block = tl.load(ptrs, mask=mask, other=0.0)
+    elif EVEN_D:
         block = tl.load(ptrs)
+    else:
+        if TRANSPOSED:
+            block = tl.load(ptrs, mask=d_ok[:, None], other=0.0)
+        else:
+            block = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
     return block
 
 
 @triton.jit
 def _attn_inner(acc, l_i, m_i, q, K, V, K_new, V_new, k_base, v_base, knew_base, vnew_base,
-                stride_ks, stride_vs, stride_kns, stride_vns, cache_len, offs_m, offs_d,
+                stride_ks, stride_vs, stride_kns, stride_vns, cache_len, offs_m, offs_d, d_ok,
                 start, end, len_q, len_k, qk_scale,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, FROM_NEW: tl.constexpr,
-                BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                BLOCK_N: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end), start a multiple of BLOCK_N."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         valid_n = offs_n < len_k
         kt = _load_kv_block(K, K_new, k_base, knew_base, offs_n, offs_d, stride_ks, stride_kns, cache_len, valid_n,
-                            True, FROM_NEW, MASKED)  # (D, BLOCK_N)
+                            d_ok, True, FROM_NEW, MASKED, EVEN_D)  # (D_PAD, BLOCK_N)
         if IEEE:
             qk = tl.dot(q, kt, input_precision="ieee")
         else:
@@ -90,7 +106,7 @@ def _attn_inner(acc, l_i, m_i, q, K, V, K_new, V_new, k_base, v_base, knew_base,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v = _load_kv_block(V, V_new, v_base, vnew_base, offs_n, offs_d, stride_vs, stride_vns, cache_len, valid_n,
-                           False, FROM_NEW, MASKED)  # (BLOCK_N, D)
+                           d_ok, False, FROM_NEW, MASKED, EVEN_D)  # (BLOCK_N, D_PAD)
         if IEEE:
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
         else:
@@ -139,9 +155,13 @@ def _attn_fwd_kernel(
     stride_vnb, stride_vns, stride_vnh,
     nheads, seqlen_q, seqlen_k, split_size, qk_scale,
     MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_NEW: tl.constexpr, FROM_NEW: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """Grid (cdiv(max_seqlen_q, BLOCK_M), batch * nheads, num_splits).
+
+    HEAD_DIM is the head size of q/k/v/out, HEAD_DIM_PAD the width of the head block (a power of two >= 16, >= HEAD_DIM)
+    and of the split workspace rows.
 
     MODE_DENSE: seqlen_q/seqlen_k are the lengths. MODE_VARLEN: lengths from cu_seqlens_q/k (batch strides unused).
     MODE_KVCACHE: K/V are the caches (B, S_max, H, D), seqlen_k is S_max, row b attends to cache_seqlens[b] (+ seqlen_q
@@ -189,51 +209,59 @@ def _attn_fwd_kernel(
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
+    d_ok = offs_d < HEAD_DIM  # used only when not EVEN_D
     row_ok = offs_m < len_q
+    if EVEN_D:
+        row_d_ok = row_ok[:, None]
+    else:
+        row_d_ok = row_ok[:, None] & d_ok[None, :]
 
     if MODE == 2:
         if HAS_NEW:
             if pid_s == 0:
                 # fused append: new rows of this M block go to cache rows cache_len + i (never past the cache end)
                 pos = cache_len + offs_m
-                write_ok = row_ok & (pos < seqlen_k)
+                if EVEN_D:
+                    write_ok = (row_ok & (pos < seqlen_k))[:, None]
+                else:
+                    write_ok = (row_ok & (pos < seqlen_k))[:, None] & d_ok[None, :]
                 rows_new = offs_m.to(tl.int64)
                 kn = tl.load(K_new + knew_base + rows_new[:, None] * stride_kns + offs_d[None, :],
-                             mask=row_ok[:, None], other=0.0)
+                             mask=row_d_ok, other=0.0)
                 vn = tl.load(V_new + vnew_base + rows_new[:, None] * stride_vns + offs_d[None, :],
-                             mask=row_ok[:, None], other=0.0)
-                tl.store(K + k_base + pos.to(tl.int64)[:, None] * stride_ks + offs_d[None, :], kn,
-                         mask=write_ok[:, None])
-                tl.store(V + v_base + pos.to(tl.int64)[:, None] * stride_vs + offs_d[None, :], vn,
-                         mask=write_ok[:, None])
+                             mask=row_d_ok, other=0.0)
+                tl.store(K + k_base + pos.to(tl.int64)[:, None] * stride_ks + offs_d[None, :], kn, mask=write_ok)
+                tl.store(V + v_base + pos.to(tl.int64)[:, None] * stride_vs + offs_d[None, :], vn, mask=write_ok)
 
-    q = tl.load(Q + q_base + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None],
+    q = tl.load(Q + q_base + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :], mask=row_d_ok,
                 other=0.0)
 
     lo, full_end, hi = _key_range(start_m, len_q, len_k, pid_s, split_size, CAUSAL, SPLIT, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, K, V, K_new, V_new, k_base, v_base, knew_base, vnew_base,
-                                stride_ks, stride_vs, stride_kns, stride_vns, cache_len, offs_m, offs_d,
+                                stride_ks, stride_vs, stride_kns, stride_vns, cache_len, offs_m, offs_d, d_ok,
                                 lo, full_end, len_q, len_k, qk_scale,
-                                False, CAUSAL, FROM_NEW, BLOCK_N, IEEE)
+                                False, CAUSAL, FROM_NEW, BLOCK_N, IEEE, EVEN_D)
     acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, K, V, K_new, V_new, k_base, v_base, knew_base, vnew_base,
-                                stride_ks, stride_vs, stride_kns, stride_vns, cache_len, offs_m, offs_d,
+                                stride_ks, stride_vs, stride_kns, stride_vns, cache_len, offs_m, offs_d, d_ok,
                                 full_end, hi, len_q, len_k, qk_scale,
-                                True, CAUSAL, FROM_NEW, BLOCK_N, IEEE)
+                                True, CAUSAL, FROM_NEW, BLOCK_N, IEEE, EVEN_D)
 
     if SPLIT:
         rows = (pid_s * tl.num_programs(1) + pid_bh).to(tl.int64) * seqlen_q + offs_m
         tl.store(M_ws + rows, m_i, mask=row_ok)
         tl.store(L_ws + rows, l_i, mask=row_ok)
-        tl.store(Acc_ws + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+        # workspace rows are HEAD_DIM_PAD wide: the padded lanes hold zeros and need no mask
+        tl.store(Acc_ws + rows[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw no key: acc == 0 -> 0
         tl.store(Out + o_base + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+                 out.to(Out.dtype.element_ty), mask=row_d_ok)
 
 
 @triton.jit
@@ -241,17 +269,18 @@ def _combine_splits_kernel(
     Acc_ws, M_ws, L_ws, Out,
     stride_ob, stride_os, stride_oh,
     nheads, seqlen_q, rows_per_split,
-    NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
-    """Grid (batch * nheads * seqlen_q,): merge the NUM_SPLITS partial (acc, m, l) of one query row into Out."""
+    """Grid (batch * nheads * seqlen_q,): merge the NUM_SPLITS partial (acc, m, l) of one query row into Out.
+    Workspace rows are HEAD_DIM_PAD wide; Out gets the first HEAD_DIM lanes."""
     row = tl.program_id(0)
     offs_s = tl.arange(0, SPLITS_POW2)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
     split_ok = offs_s < NUM_SPLITS
     ws_rows = offs_s.to(tl.int64) * rows_per_split + row
     m = tl.load(M_ws + ws_rows, mask=split_ok, other=float("-inf"))
     l_s = tl.load(L_ws + ws_rows, mask=split_ok, other=0.0)
-    acc = tl.load(Acc_ws + ws_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=split_ok[:, None], other=0.0)
+    acc = tl.load(Acc_ws + ws_rows[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=split_ok[:, None], other=0.0)
     m_max = tl.max(m, 0)
     m_base = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.math.exp2(m - m_base)  # splits that saw no key have m = -inf: weight 0
@@ -261,4 +290,8 @@ def _combine_splits_kernel(
     i = row % seqlen_q
     b = (bh // nheads).to(tl.int64)
     h = (bh % nheads).to(tl.int64)
-    tl.store(Out + b * stride_ob + i.to(tl.int64) * stride_os + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+    out_ptrs = Out + b * stride_ob + i.to(tl.int64) * stride_os + h * stride_oh + offs_d
+    if HEAD_DIM == HEAD_DIM_PAD:
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty))
+    else:
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)

@@ -41,13 +41,24 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
+def head_dim_pad(head_dim: int) -> int:
+    """Width of the kernels' head block: the next power of two, at least 16 (``tl.dot``'s smallest K). Equal to
+    head_dim for 16, 32, 64, 128, 256: those run without head masks."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def prefill_config(head_dim: int, dtype: torch.dtype, max_seqlen_q: int, max_seqlen_k: int) -> AttnConfig:
     """Block sizes for the dense / varlen forward (and the KV-cache path with many queries).
 
     CUDA values are chosen for H100 (sm_90) from the usual FlashAttention-2-in-Triton settings; NOT tuned on a GPU yet.
+    The choice depends on the padded head width (``head_dim_pad``): 64 and 128 keep their configurations; wider heads
+    (up to 256) take smaller tiles so the accumulator and the K/V pipeline fit (checked by ``_aot_check``).
     """
     if interpreter_enabled():
         return AttnConfig(_pow2_at_least(max_seqlen_q, 16, 128), _pow2_at_least(max_seqlen_k, 16, 128), 4, 1)
+    head_dim = head_dim_pad(head_dim)
+    if head_dim > 128:
+        return AttnConfig(16, 16, 4, 2) if dtype == torch.float32 else AttnConfig(64, 32, 8, 2)
     if dtype == torch.float32:
         # ieee fp32 dot runs on FMA units with 4-byte tiles: register pressure decides. Picked so that ptxas spills
         # (almost) nothing for sm_80 and sm_90 with triton 3.6 and 3.9 (_aot_check); the former (64, 32, 4 warps)
@@ -67,6 +78,9 @@ def decode_config(head_dim: int, dtype: torch.dtype, seqlen_q: int, max_seqlen_k
         return prefill_config(head_dim, dtype, seqlen_q, max_seqlen_k)
     if interpreter_enabled():
         return AttnConfig(16, _pow2_at_least(max_seqlen_k, 16, 128), 4, 1)
+    head_dim = head_dim_pad(head_dim)
+    if head_dim > 128:
+        return AttnConfig(16, 16, 4, 2) if dtype == torch.float32 else AttnConfig(16, 32, 4, 2)
     if dtype == torch.float32:  # FMA dot: at D = 128 a 32-key block spilled 660 B per thread on sm_90
         return AttnConfig(16, 32 if head_dim <= 64 else 16, 4, 2)
     return AttnConfig(16, 128 if head_dim <= 64 else 64, 4, 3)
@@ -128,7 +142,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), 0, 0, 0, 0, 0, 0,
         nheads, seqlen_q, seqlen_k, 0, softmax_scale * LOG2E,
         MODE=MODE_DENSE, CAUSAL=bool(causal), HAS_NEW=False, FROM_NEW=False, SPLIT=False,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, IEEE=_dot_ieee(q.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim),
+        IEEE=_dot_ieee(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -154,7 +169,8 @@ def attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
         0, out.stride(0), out.stride(1), 0, 0, 0, 0, 0, 0,
         nheads, max_seqlen_q, max_seqlen_k, 0, softmax_scale * LOG2E,
         MODE=MODE_VARLEN, CAUSAL=bool(causal), HAS_NEW=False, FROM_NEW=False, SPLIT=False,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, IEEE=_dot_ieee(q.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim),
+        IEEE=_dot_ieee(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -182,7 +198,8 @@ def attention_kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     split = num_splits > 1
     if split:
         rows = batch * nheads * seqlen_q
-        acc_ws = torch.empty((num_splits, rows, head_dim), dtype=torch.float32, device=q.device)  # (S, B*H*Sq, D)
+        acc_ws = torch.empty((num_splits, rows, head_dim_pad(head_dim)), dtype=torch.float32,
+                             device=q.device)  # (S, B*H*Sq, D_PAD)
         m_ws = torch.empty((num_splits, rows), dtype=torch.float32, device=q.device)  # (S, B*H*Sq)
         l_ws = torch.empty((num_splits, rows), dtype=torch.float32, device=q.device)
     else:
@@ -197,7 +214,8 @@ def attention_kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         *_strides3(q), *_strides3(k_cache), *_strides3(v_cache), *_strides3(out), *_strides3(k), *_strides3(v),
         nheads, seqlen_q, max_seqlen_k, split_size, softmax_scale * LOG2E,
         MODE=MODE_KVCACHE, CAUSAL=bool(causal), HAS_NEW=has_new, FROM_NEW=has_new, SPLIT=split,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, IEEE=_dot_ieee(q.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim),
+        IEEE=_dot_ieee(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
@@ -206,7 +224,7 @@ def attention_kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
             *_strides3(out),
             nheads, seqlen_q, batch * nheads * seqlen_q,
             NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
-            num_warps=1 if head_dim <= 64 else 2,
+            HEAD_DIM_PAD=head_dim_pad(head_dim), num_warps=1 if head_dim <= 64 else 2,
         )
     return out
 
