@@ -183,7 +183,7 @@ def _load_error(error: Exception) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def load_npy(path: str, what: str) -> np.ndarray:
+def _load_npy(path: str, what: str) -> np.ndarray:
     """One .npy array (no pickles); ValueError naming ``what`` and the file otherwise."""
     try:
         with open(path, "rb") as f:
@@ -352,7 +352,7 @@ class BarkProcessor:
                 path = _resolve_file(root, rel)
             if path is None:
                 raise FileNotFoundError(f"voice_preset {name!r}: {key} file {rel!r} not found in {root!r}")
-            arrays[key] = load_npy(path, f"voice_preset {name!r} ({key})")
+            arrays[key] = _load_npy(path, f"voice_preset {name!r} ({key})")
         return arrays
 
     def load_voice_preset(self, voice_preset) -> dict[str, torch.Tensor]:
