@@ -468,6 +468,8 @@ def _plan(args, texts: Sequence[str], device, dtype) -> _Plan:
 def _check_attention(attn: str, config, device, dtype) -> None:
     """The backend that --attn (or BARK_KERNELS_BACKEND) names serves every attention op of this model on this device
     and dtype; found here rather than at the first attention call, after the load."""
+    import torch
+
     from bark_kernels import BackendUnavailableError, registry
 
     from .config import attn_backend_name
@@ -491,9 +493,14 @@ def _check_attention(attn: str, config, device, dtype) -> None:
                 registry.select(op, device, dtype, head_dim, backend=requested)
             except (BackendUnavailableError, ValueError) as e:
                 hint = ""
-                if device.type == "cpu" and (requested or env) in ("triton", "cuda", "flash_attn"):
-                    hint = (" (on a CPU use --attn auto, sdpa or eager; Triton's kernels run on a CPU only under "
-                            "TRITON_INTERPRET=1, slowly)")
+                name = requested or env
+                if device.type == "cpu" and name in registry.BACKENDS and \
+                        registry.why_not(name, "attention", device, torch.float32, 64) is not None:
+                    fix = ("use --attn auto, sdpa or eager" if requested
+                           else f"unset {registry.ENV_BACKEND} or set it to sdpa or eager")
+                    note = "; Triton's kernels run on a CPU only under TRITON_INTERPRET=1, slowly" \
+                        if name == "triton" else ""
+                    hint = f" (on a CPU: {fix}{note})"
                 raise SpeakError(f"{source}: {e}{hint}") from None
 
 
