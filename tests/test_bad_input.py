@@ -260,7 +260,7 @@ def test_speak_nan_weights_one_line_and_previous_output_kept(ckpt, tmp_path, cap
     save_file(tensors, str(broken / "model.safetensors"))
     out = tmp_path / "out.wav"
     out.write_bytes(OLD)
-    assert speak_main([TEXT, "-o", str(out), "--model", str(broken), "--quiet"]) == 1
+    assert speak_main([TEXT, "-o", str(out), "--model", str(broken), "--quiet", "--device", "cpu"]) == 1
     line = _one_line(capsys.readouterr().err)
     assert "'coarse_acoustics.lm_head.weight': expected finite values, got 1 NaN/inf" in line
     assert out.read_bytes() == OLD and _leftovers(tmp_path) == []
@@ -283,7 +283,7 @@ def test_speak_failed_final_write_keeps_every_previous_file(ckpt, tmp_path, monk
 
     monkeypatch.setattr(os, "replace", replace)
     rc = speak_main(["--batch-file", str(texts), "-o", str(tmp_path / "o.wav"), "--model", str(ckpt), "--quiet",
-                     "--semantic-max-new-tokens", "8", "--greedy"])
+                     "--semantic-max-new-tokens", "8", "--greedy", "--device", "cpu"])
     line = _one_line(capsys.readouterr().err)
     assert rc == 1 and "--output: cannot replace" in line and "Permission denied" in line
     assert outs[1].read_bytes() == OLD
