@@ -95,13 +95,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Usage errors on one line, exit code 2 (argparse prints the whole usage block first)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
-
-
 def _configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("text", nargs="?", help="the text to speak (or use --batch-file)")
     parser.add_argument(
@@ -163,7 +156,9 @@ def _configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 
 def build_speak_parser(prog: str = "bark-kernels speak") -> argparse.ArgumentParser:
-    return _configure_parser(_OneLineParser(prog=prog, description="Text to 24 kHz speech with Bark."))
+    from bark_kernels.cli import OneLineArgumentParser  # usage errors on one line
+
+    return _configure_parser(OneLineArgumentParser(prog=prog, description="Text to 24 kHz speech with Bark."))
 
 
 def add_speak_parser(subparsers) -> argparse.ArgumentParser:

@@ -326,21 +326,25 @@ def _api_error(fn, exc, pattern):
     return message
 
 
-@pytest.mark.parametrize("kwargs, exc, pattern", [
-    (dict(path_or_repo_id=3), TypeError, r"path_or_repo_id: expected a directory path or a Hugging Face repo id"),
-    (dict(path_or_repo_id=None), TypeError, r"path_or_repo_id"),
-    (dict(path_or_repo_id=""), TypeError, r"path_or_repo_id"),
-    (dict(path_or_repo_id="a/b/c"), FileNotFoundError, r"path_or_repo_id: directory a/b/c does not exist"),
-    (dict(attn_implementation="xformers"), ValueError, r"attn_implementation: expected one of"),
-    (dict(attn_implementation=3), ValueError, r"attn_implementation"),
-    (dict(dtype="int8"), ValueError, r"dtype: expected a torch dtype or one of"),
-    (dict(dtype=torch.int32), ValueError, r"dtype: expected a floating-point dtype, got torch.int32"),
-    (dict(device="bogus"), ValueError, r"device: expected cpu, cuda or cuda:N, got 'bogus'"),
-    (dict(device="tpu"), ValueError, r"device: expected cpu, cuda or cuda:N"),
-    (dict(device=1.5), ValueError, r"device: expected cpu, cuda or cuda:N, got float 1.5"),
-    (dict(revision=3), TypeError, r"revision: expected a str"),
-    (dict(temperature=0.7), TypeError, r"unexpected keyword argument 'temperature'"),
-], ids=lambda v: repr(v)[:40] if not isinstance(v, dict) else None)
+FROM_PRETRAINED_CASES = [
+    ("path_int", dict(path_or_repo_id=3), TypeError, r"path_or_repo_id: expected a directory path or a Hugging Face"),
+    ("path_none", dict(path_or_repo_id=None), TypeError, r"path_or_repo_id"),
+    ("path_empty", dict(path_or_repo_id=""), TypeError, r"path_or_repo_id"),
+    ("path_not_a_repo_id", dict(path_or_repo_id="a/b/c"), FileNotFoundError,
+     r"path_or_repo_id: directory a/b/c does not exist"),
+    ("attn_unknown", dict(attn_implementation="xformers"), ValueError, r"attn_implementation: expected one of"),
+    ("attn_int", dict(attn_implementation=3), ValueError, r"attn_implementation"),
+    ("dtype_name", dict(dtype="int8"), ValueError, r"dtype: expected a torch dtype or one of"),
+    ("dtype_integer", dict(dtype=torch.int32), ValueError, r"dtype: expected a floating-point dtype, got torch.int32"),
+    ("device_unknown", dict(device="bogus"), ValueError, r"device: expected cpu, cuda or cuda:N, got 'bogus'"),
+    ("device_tpu", dict(device="tpu"), ValueError, r"device: expected cpu, cuda or cuda:N"),
+    ("device_float", dict(device=1.5), ValueError, r"device: expected cpu, cuda or cuda:N, got float 1.5"),
+    ("revision_int", dict(revision=3), TypeError, r"revision: expected a str"),
+    ("unknown_keyword", dict(temperature=0.7), TypeError, r"unexpected keyword argument 'temperature'"),
+]
+
+
+@pytest.mark.parametrize("kwargs, exc, pattern", [pytest.param(*c[1:], id=c[0]) for c in FROM_PRETRAINED_CASES])
 def test_from_pretrained_bad_arguments(ckpt, no_weights, kwargs, exc, pattern):
     kwargs = {"path_or_repo_id": ckpt, **kwargs}
     _api_error(lambda: bark.BarkModel.from_pretrained(**kwargs), exc, pattern)
