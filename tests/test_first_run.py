@@ -55,7 +55,7 @@ def test_readme_states_measured_durations():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     section = text[text.index("## Set-up and the two commands"):text.index("## The kernel API")]
     for what in ("set-up", "main job", "tests"):
-        pattern = what.replace(" ", r"\s+") + r"[^.]*?\d+(\.\d+)?\s*(min|s)\b"
+        pattern = what.replace(" ", r"\s+") + r"[^.]*?\d+(\.\d+)?(-\d+(\.\d+)?)?\s*(min|s)\b"  # 3.0 min, 4.2-4.5 min
         assert re.search(pattern, section, re.I), f"no measured duration for {what}"
 
 
@@ -115,7 +115,10 @@ def _interrupt(after_line: str | None, delay: float = 0.0):
     """`python -m bark_kernels_main check --device cpu`, SIGINT once ``after_line`` starts a line of its output (or
     after ``delay`` seconds): (exit code, stdout, stderr)."""
     proc = subprocess.Popen([sys.executable, "-u", "-m", "bark_kernels_main", "check", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as in a terminal: a job started in the background of a script (nohup, `&`) inherits
+                            # SIGINT ignored, and Python then installs no handler for it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     if after_line is None:
         time.sleep(delay)
