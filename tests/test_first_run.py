@@ -104,7 +104,7 @@ def test_console_script_launcher_imports_nothing_heavy():
                          capture_output=True, text=True, timeout=60)
     assert run.stdout.strip() == "False", run.stdout + run.stderr
     config = _pyproject()
-    assert config["project"]["scripts"]["bark-kernels"] == "bark_kernels_main:main"
+    assert config["project"]["scripts"]["bark-kernels"] == "bark_kernels_main:run"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -134,13 +134,37 @@ def _interrupt(after_line: str | None, delay: float = 0.0):
 
 def test_ctrl_c_during_start_up_is_one_line():
     """SIGINT while torch is still being imported, then while `check` runs: one line, exit code 130."""
-    rc, out, err = _interrupt(None, delay=0.5)  # importing bark_kernels (torch) takes seconds: most likely there
-    assert rc == 130 and err in ("bark-kernels: interrupted\n", "bark-kernels check: interrupted\n"), (rc, err)
+    # importing bark_kernels (torch) takes seconds: most likely the signal lands there. (When it lands inside
+    # third-party code that turns it into another error, e.g. Triton's interpreter halfway through a kernel, that code
+    # may log a line of its own first: the last line and the exit code are still ours.)
+    rc, out, err = _interrupt(None, delay=0.5)
+    assert rc == 130 and err.splitlines()[-1] in ("bark-kernels: interrupted", "bark-kernels check: interrupted"), \
+        (rc, err)
+    assert "Traceback" not in err
     rc, out, err = _interrupt("self-test")
     if rc == 0:  # the self-test finished before the signal arrived (a fast machine): nothing to interrupt
         assert out.rstrip().endswith("check passed")
     else:
-        assert (rc, err) == (130, "bark-kernels check: interrupted\n"), err
+        assert rc == 130 and err.splitlines()[-1].endswith("interrupted") and "Traceback" not in err, err
+
+
+def test_an_interrupt_swallowed_by_other_code_still_exits_130(monkeypatch, capsys):
+    """A command that returns normally after a SIGINT (something turned the KeyboardInterrupt into another error)."""
+    import bark_kernels_main
+    from bark_kernels import cli as bk_cli
+
+    def swallowing(argv):
+        try:
+            bark_kernels_main._on_sigint(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            pass
+        return 1
+
+    monkeypatch.setattr(bark_kernels_main, "_interrupts", [])
+    monkeypatch.setattr(bk_cli, "main", swallowing)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave pytest's own SIGINT handler in place
+    assert bark_kernels_main.main(["check"]) == 130
+    assert capsys.readouterr().err == "bark-kernels: interrupted\n"
 
 
 def test_interrupt_while_importing_the_package(monkeypatch, capsys):
@@ -155,6 +179,7 @@ def test_interrupt_while_importing_the_package(monkeypatch, capsys):
 
     monkeypatch.delitem(sys.modules, "bark_kernels.cli", raising=False)
     monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave pytest's own SIGINT handler in place
     assert bark_kernels_main.main(["check"]) == 130
     assert capsys.readouterr().err == "bark-kernels: interrupted\n"
 
