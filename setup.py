@@ -1,4 +1,6 @@
-"""Build script: metadata lives in pyproject.toml; this file only adds the optional CUDA extension bark_kernels._C.
+"""Build script: metadata lives in pyproject.toml; this file adds the optional CUDA extension bark_kernels._C, and the
+license (pyproject.toml's `license` is a TOML table for setuptools < 77 and an SPDX string for later ones, which print a
+deprecation banner for the table: declared dynamic there, it is set here, accepted by both without a word).
 
 The extension is built when torch (with CUDA) is importable at build time and nvcc is found; otherwise the pure-Python
 package is installed and one line says why. Switches (see bark_kernels/_jit.py):
@@ -50,4 +52,4 @@ def cuda_extension_kwargs(env=None) -> dict:
 
 
 if __name__ == "__main__":
-    setup(**cuda_extension_kwargs())
+    setup(license="MIT", **cuda_extension_kwargs())

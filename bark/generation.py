@@ -26,6 +26,7 @@ says.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import torch
 from torch.nn import functional as F
 
 from .config import BarkGenerationConfig
-from .session import DECODE_MODES, WARMUP_STEPS as _WARMUP_STEPS, DecodeSession, FinePasses, pooled
+from .session import DECODE_MODES, WARMUP_STEPS as _WARMUP_STEPS, DecodeSession, FinePasses, pooled, resolve_mode
 
 __all__ = ["generate", "generate_tokens", "SamplingParams", "StageEvent", "TokenChoices", "split_generate_kwargs"]
 
@@ -46,6 +47,9 @@ _STAGE_KEYS = {
     "coarse": {"do_sample", "temperature", "top_k", "top_p"},
     "fine": {"temperature"},
 }
+# Sampling below this temperature is greedy decoding in all but name, and far below it logits / temperature overflows
+# float32 (NaN probabilities): use do_sample=False.
+MIN_TEMPERATURE = 1e-6
 # Accepted by transformers' generate and harmless here (no effect on the result).
 _IGNORED_KEYS = {"generation_config", "output_scores", "return_dict_in_generate", "output_hidden_states",
                  "output_attentions", "use_cache", "renormalize_logits", "pad_token_id"}
@@ -158,8 +162,10 @@ class SamplingParams:
         params = cls(bool(pick("do_sample")), pick("temperature"), pick("top_k"), pick("top_p"))
         if params.do_sample:
             t = params.temperature
-            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
-                raise ValueError(f"{stage}_temperature: expected a float > 0 when sampling, got {t!r}")
+            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+                                  or not t >= MIN_TEMPERATURE):
+                raise ValueError(f"{stage}_temperature: expected a finite float >= {MIN_TEMPERATURE:g} when sampling "
+                                 f"(for the most likely tokens use do_sample=False), got {t!r}")
             k = params.top_k
             if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
                 raise ValueError(f"{stage}_top_k: expected an int >= 0 (0 = off), got {k!r}")
@@ -294,6 +300,14 @@ def _normalize_histories(history_prompt, batch: int, gen: BarkGenerationConfig, 
             raise ValueError(f"{where}['coarse_prompt']: expected shape ({n_coarse}, n), got {tuple(coarse.shape)}")
         if fine.dim() != 2 or fine.shape[0] != n_fine:
             raise ValueError(f"{where}['fine_prompt']: expected shape ({n_fine}, n), got {tuple(fine.shape)}")
+        for key, value, limit, what in (
+                ("semantic_prompt", sem, gen.semantic_config.semantic_vocab_size, "semantic token ids"),
+                ("coarse_prompt", coarse, gen.codebook_size, "codebook codes"),
+                ("fine_prompt", fine, gen.codebook_size, "codebook codes")):
+            if value.numel():
+                lo, hi = (int(x) for x in torch.aminmax(value))  # a host read per preset, before any decoding
+                if lo < 0 or hi >= limit:
+                    raise ValueError(f"{where}['{key}']: expected {what} in [0, {limit}), got values in [{lo}, {hi}]")
         entry = {"semantic_prompt": sem, "coarse_prompt": coarse, "fine_prompt": fine}
         cache[id(row)] = entry
         out.append(entry)
@@ -838,6 +852,64 @@ def _check_inputs(input_ids, attention_mask, sync_every, decode_mode, callback) 
         raise TypeError(f"callback: expected a callable taking a bark.StageEvent, got {type(callback).__name__}")
 
 
+def _check_for_model(model, input_ids: torch.Tensor, attention_mask, decode_mode: str, generator,
+                     gen: BarkGenerationConfig) -> None:
+    """The checks that need the model: the decode mode and the generator against its device, and the values of the
+    text ids it will read (an id past the vocabulary would fail inside the embedding, a negative one would silently
+    read another token's row). Reads the ids back to the host once, before any decoding."""
+    device = model.device
+    resolve_mode(decode_mode, device)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != device.type:
+            raise ValueError(f"generator: expected a torch.Generator on {device.type} (the model's device), got one "
+                             f"on {generator.device}")
+    cfg = gen.semantic_config
+    n = cfg.max_input_semantic_length
+    vocab = min(cfg.text_pad_token, cfg.semantic_infer_token,
+                model.semantic.config.input_vocab_size) - cfg.text_encoding_offset
+    ids = input_ids[:, :n]
+    if attention_mask is not None:
+        if attention_mask.is_complex():
+            raise TypeError(f"attention_mask: expected a bool or integer tensor of 0 and 1, got {attention_mask.dtype}")
+        if attention_mask.dtype != torch.bool and attention_mask.numel() and \
+                not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask: expected values 0 or 1 (1 = text, 0 = padding), got other values")
+        used = attention_mask[:, :n].to(ids.device) != 0  # (B, <=n)
+        longest = int((attention_mask != 0).sum(dim=1).max()) if attention_mask.numel() else 0
+    else:
+        used = torch.ones_like(ids, dtype=torch.bool)
+        longest = input_ids.shape[1]
+    values = ids[used]
+    if values.numel():
+        lo, hi = (int(x) for x in torch.aminmax(values))
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids: expected text token ids in [0, {vocab}) (the text vocabulary) where the "
+                             f"attention mask is 1, got values in [{lo}, {hi}]")
+    if longest > n:
+        logger.warning("input_ids: a row holds %d text positions; Bark's semantic model reads the first %d, the rest "
+                       "is ignored", longest, n)
+
+
+def _check_fine_temperature(value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or not value >= MIN_TEMPERATURE):
+        raise ValueError(f"fine_temperature: expected None or 1.0 (argmax) or a finite float >= {MIN_TEMPERATURE:g} "
+                         f"(sampled), got {value!r}")
+
+
+_NON_FINITE_PROBS = "probability tensor contains either"  # torch.multinomial's refusal of NaN/inf probabilities
+
+
+def _non_finite_scores(stage: str, error: RuntimeError) -> ValueError | None:
+    if _NON_FINITE_PROBS not in str(error):
+        return None
+    return ValueError(f"{stage} stage: the model's scores hold NaN or inf, so no token can be sampled: non-finite "
+                      f"weights (BarkModel.from_pretrained rejects them in a checkpoint), or float16 overflow (use "
+                      f"float32 or bfloat16)")
+
+
 @torch.no_grad()
 def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, history_prompt=None,
                     sync_every: int = 16, generator: torch.Generator | None = None, decode_mode: str = "auto",
@@ -871,18 +943,30 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     sem_params = SamplingParams.resolve("semantic", gen.semantic_config, sem_kw)
     coarse_params = SamplingParams.resolve("coarse", gen.coarse_acoustics_config, coarse_kw)
     fine_temperature = fine_kw.get("temperature", gen.fine_acoustics_config.temperature)
+    _check_fine_temperature(fine_temperature)
+    _check_for_model(model, input_ids, attention_mask, decode_mode, generator, gen)
     device = model.device
     events = events if events is not None else _Events(callback, device)
     batch = input_ids.shape[0]
+    histories = _normalize_histories(history_prompt, batch, gen, device)
     for causal in (model.semantic, model.coarse_acoustics):  # CPU decode reads wide weights faster transposed
         causal.set_decode_layout(device.type == "cpu")
-    histories = _normalize_histories(history_prompt, batch, gen, device)
     embeds = semantic_input_embeds(model, input_ids, attention_mask, histories, gen)
-    semantic = generate_semantic(model, embeds, gen, sem_params, max_new, min_eos_p, sync_every, generator,
-                                 decode_mode, events, min_new, observer)
-    coarse = generate_coarse(model, semantic, histories, gen, coarse_params, generator, decode_mode, events, observer)
-    fine = generate_fine(model, coarse, histories, gen, fine_temperature, generator, events, observer,
-                         "eager" if decode_mode == "compile" else decode_mode)
+    stage = "semantic"
+    try:
+        semantic = generate_semantic(model, embeds, gen, sem_params, max_new, min_eos_p, sync_every, generator,
+                                     decode_mode, events, min_new, observer)
+        stage = "coarse"
+        coarse = generate_coarse(model, semantic, histories, gen, coarse_params, generator, decode_mode, events,
+                                 observer)
+        stage = "fine"
+        fine = generate_fine(model, coarse, histories, gen, fine_temperature, generator, events, observer,
+                             "eager" if decode_mode == "compile" else decode_mode)
+    except RuntimeError as error:
+        clear = _non_finite_scores(stage, error)
+        if clear is None:
+            raise
+        raise clear from None
     return {"semantic": semantic, "coarse": coarse, "fine": fine}
 
 

@@ -27,7 +27,8 @@ import torch
 
 from .config import BarkConfig
 
-__all__ = ["load_bark_model", "load_checkpoint", "resolve_checkpoint", "read_state_dict", "CheckpointError"]
+__all__ = ["load_bark_model", "load_checkpoint", "load_config", "resolve_checkpoint", "read_state_dict",
+           "hub_unreachable_reason", "CheckpointError"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +70,34 @@ def _local_source(path: str) -> _Source:
     return _Source(path, find, f"directory {path}")
 
 
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def hub_unreachable_reason(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """None when the Hugging Face Hub endpoint answers (any HTTP status), else why not, in one line.
+
+    One request with a short timeout and no retries, through huggingface_hub's own HTTP client (its proxy and
+    certificate settings): without it, a download from an unreachable Hub retries for ~25 s and then reports the file
+    as missing from the cache."""
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+    except ImportError:  # pragma: no cover - an old huggingface_hub: let the download itself fail
+        return None
+    endpoint = constants.ENDPOINT
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception as error:  # connection refused, DNS failure, timeout, proxy error...
+        text = " ".join(str(error).split()) or "no answer"
+        return f"{endpoint} cannot be reached ({type(error).__name__}: {text})"
+    return None
+
+
 def _hub_source(repo_id: str, revision: str | None = None) -> _Source:
     try:
         import huggingface_hub
         from huggingface_hub import constants, try_to_load_from_cache
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
         from huggingface_hub.file_download import _CACHED_NO_EXIST
     except ImportError as error:
         raise FileNotFoundError(
@@ -82,6 +106,13 @@ def _hub_source(repo_id: str, revision: str | None = None) -> _Source:
         ) from None
 
     offline = bool(constants.HF_HUB_OFFLINE)
+    todo = (f"On a machine with internet run `hf download {repo_id}` (then copy the cache, or point HF_HOME at it), "
+            f"or pass the path of a local checkpoint directory.")
+    probed: list[str | None] = []  # the Hub is probed once per source, before its first download
+
+    def unreachable(filename: str, why: str) -> ConnectionError:
+        return ConnectionError(f"{repo_id!r} is not a local directory and {filename} is not in the Hugging Face "
+                               f"cache ({constants.HF_HUB_CACHE}); the Hugging Face Hub is unreachable: {why}. {todo}")
 
     def find(filename: str) -> str | None:
         cached = try_to_load_from_cache(repo_id, filename, revision=revision)
@@ -91,16 +122,21 @@ def _hub_source(repo_id: str, revision: str | None = None) -> _Source:
             return None
         if offline:
             return None
+        if not probed:
+            probed.append(hub_unreachable_reason())
+        if probed[0] is not None:
+            raise unreachable(filename, probed[0])
         try:
             return huggingface_hub.hf_hub_download(repo_id, filename, revision=revision)
+        except LocalEntryNotFoundError as error:  # a subclass of EntryNotFoundError: the network, not the file
+            raise unreachable(filename, " ".join(str(error).split())) from None
         except EntryNotFoundError:
             return None
-        except Exception as error:  # offline, unreachable, unknown repo, gated...
+        except Exception as error:  # unknown repo, gated, server error...
+            text = " ".join(str(error).split())
             raise FileNotFoundError(
                 f"{repo_id!r} is not a local directory and {filename} is not in the Hugging Face cache "
-                f"({constants.HF_HUB_CACHE}); downloading it failed: {type(error).__name__}: {error}. On a machine "
-                f"with internet run `hf download {repo_id}` (then copy the cache, or point HF_HOME at it), or pass "
-                f"the path of a local checkpoint directory."
+                f"({constants.HF_HUB_CACHE}); downloading it failed: {type(error).__name__}: {text}. {todo}"
             ) from None
 
     where = f"Hugging Face repo {repo_id} (cache {constants.HF_HUB_CACHE}{', offline' if offline else ''})"
@@ -223,6 +259,15 @@ def _list(keys, limit: int = 8) -> str:
     return head + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def _check_finite(value: torch.Tensor, key: str, where: str) -> None:
+    """NaN or inf in a weight would surface only at the first sampling step, as torch's "probability tensor contains
+    either inf, nan or element < 0"; one pass over the weights (about a second for suno/bark) finds it here."""
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        bad = int(value.numel() - finite.sum())
+        raise CheckpointError(f"{where}: key {key!r}: expected finite values, got {bad} NaN/inf of {value.numel()}")
+
+
 def load_state_dict_into(model, tensors: Mapping[str, torch.Tensor], origin: Mapping[str, str]) -> list[str]:
     """Copy a full Bark checkpoint state dict into ``model`` (strict); returns the keys ignored by design."""
     from .codec import load_codec_state_dict
@@ -264,10 +309,14 @@ def load_state_dict_into(model, tensors: Mapping[str, torch.Tensor], origin: Map
                                   f"got {tuple(got.shape)}")
         if not got.dtype.is_floating_point:
             raise CheckpointError(f"{file_of(key)}: key {key!r}: expected a floating-point tensor, got {got.dtype}")
+        _check_finite(got, key, file_of(key))
     with torch.no_grad():
         for key, target in wanted.items():
             target.copy_(tensors[key])
     codec_tensors = {k: v for k, v in tensors.items() if k.startswith(CODEC_PREFIX)}
+    for key, value in codec_tensors.items():
+        if value.dtype.is_floating_point:
+            _check_finite(value, key, file_of(key))
     try:
         ignored += load_codec_state_dict(model.codec_model, codec_tensors, prefix=CODEC_PREFIX, strict=True)
     except (ValueError, TypeError) as error:
@@ -278,9 +327,7 @@ def load_state_dict_into(model, tensors: Mapping[str, torch.Tensor], origin: Map
     return ignored
 
 
-def load_checkpoint(path_or_repo_id, revision: str | None = None):
-    """Read a checkpoint: (BarkConfig, tensors, origin) without building a model."""
-    source = resolve_checkpoint(path_or_repo_id, revision)
+def _read_config(source: _Source) -> BarkConfig:
     config_dict = _read_json(source, CONFIG_NAME, required=True)
     for name in ("semantic_config", "coarse_acoustics_config", "fine_acoustics_config", "codec_config"):
         if not isinstance(config_dict.get(name), dict):
@@ -292,23 +339,43 @@ def load_checkpoint(path_or_repo_id, revision: str | None = None):
                        source.find(GENERATION_CONFIG_NAME))
         generation_dict = None
     try:
-        config = BarkConfig.from_dicts(config_dict, generation_dict)
+        return BarkConfig.from_dicts(config_dict, generation_dict)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{source.find(CONFIG_NAME)}: invalid Bark configuration: {error}") from None
+
+
+def load_config(path_or_repo_id, revision: str | None = None) -> BarkConfig:
+    """The checkpoint's configuration (config.json, generation_config.json) without reading any weight: what a caller
+    needs to check its other arguments (backend, lengths, voice presets) before the expensive part."""
+    return _read_config(resolve_checkpoint(path_or_repo_id, revision))
+
+
+def load_checkpoint(path_or_repo_id, revision: str | None = None):
+    """Read a checkpoint: (BarkConfig, tensors, origin) without building a model."""
+    source = resolve_checkpoint(path_or_repo_id, revision)
+    config = _read_config(source)
     tensors, origin = read_state_dict(source)
     return config, tensors, origin
 
 
 def load_bark_model(path_or_repo_id, attn_implementation: str = "auto", dtype=None, device=None,
                     revision: str | None = None):
-    """Build a ``BarkModel`` from a checkpoint directory or repo id, on ``device`` in ``dtype`` (default fp32)."""
+    """Build a ``BarkModel`` from a checkpoint directory or repo id, on ``device`` in ``dtype`` (default fp32).
+
+    Every argument is checked before a file is read (device: cpu, cuda or cuda:N, present), and every weight is
+    checked as it is read (names, shapes, dtypes, finite values)."""
+    from bark_kernels.devices import parse_device
+
     from .config import attn_backend_name
     from .model import BarkModel, check_backend
 
     target_dtype = _parse_dtype(dtype)
     # Resolve the backend (and let bark_kernels import/self-test its backends) outside the meta-device block below.
     check_backend(attn_backend_name(attn_implementation))
-    target_device = torch.device(device) if device is not None else torch.device("cpu")
+    target_device = parse_device(device, "device") if device is not None else torch.device("cpu")
+    if revision is not None and not isinstance(revision, str):
+        raise TypeError(f"revision: expected a str (a branch, tag or commit of the Hugging Face repo) or None, "
+                        f"got {type(revision).__name__}")
     config, tensors, origin = load_checkpoint(path_or_repo_id, revision)
     with torch.device("meta"):
         model = BarkModel(config, attn_implementation=attn_implementation)

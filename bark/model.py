@@ -345,12 +345,12 @@ class BarkModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, attn_implementation: str = "auto", dtype=None, device=None,
-                        **kwargs) -> BarkModel:
+                        revision: str | None = None) -> BarkModel:
         """Load a Hugging Face Bark checkpoint (directory or repo id); see :func:`bark.loading.load_bark_model`."""
         from .loading import load_bark_model
 
         return load_bark_model(path_or_repo_id, attn_implementation=attn_implementation, dtype=dtype, device=device,
-                               **kwargs)
+                               revision=revision)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, history_prompt=None,

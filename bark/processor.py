@@ -73,19 +73,41 @@ def _resolve_file(path_or_repo: str, filename: str) -> str | None:
         return None
     if huggingface_hub.constants.HF_HUB_OFFLINE:  # not cached and we may not download: treat as absent
         return None
-    try:
-        return huggingface_hub.hf_hub_download(path_or_repo, filename)
-    except LocalEntryNotFoundError as e:  # not cached and the Hub could not be reached
-        raise FileNotFoundError(
-            f"{filename}: could not get it for {path_or_repo!r} (not cached and the Hub is unreachable: {e}); "
-            f"pass a local checkpoint directory"
-        ) from e
-    except EntryNotFoundError:  # the repo exists but does not have this file
-        return None
-    except RepositoryNotFoundError as e:
-        raise FileNotFoundError(
-            f"path_or_repo: {path_or_repo!r} is neither a local directory nor a Hugging Face repo id ({e})"
-        ) from e
+    why = _hub_unreachable()
+    if why is None:
+        try:
+            return huggingface_hub.hf_hub_download(path_or_repo, filename)
+        except LocalEntryNotFoundError as e:  # not cached and the Hub could not be reached (before EntryNotFound:
+            why = " ".join(str(e).split())  # it is a subclass of it)
+        except EntryNotFoundError:  # the repo exists but does not have this file
+            return None
+        except RepositoryNotFoundError as e:
+            raise FileNotFoundError(
+                f"path_or_repo: {path_or_repo!r} is neither a local directory nor a Hugging Face repo id "
+                f"({' '.join(str(e).split())})"
+            ) from None
+    raise ConnectionError(
+        f"{filename}: could not get it for {path_or_repo!r}: not in the local Hugging Face cache, and the Hugging Face "
+        f"Hub is unreachable ({why}); pass a local checkpoint directory"
+    )
+
+
+_HUB_PROBE: dict[str, tuple[float, str | None]] = {}  # endpoint -> (time, reason): one probe per minute at most
+
+
+def _hub_unreachable() -> str | None:
+    import time
+
+    from huggingface_hub import constants
+
+    from .loading import hub_unreachable_reason
+
+    now = time.monotonic()
+    hit = _HUB_PROBE.get(constants.ENDPOINT)
+    if hit is None or now - hit[0] > 60:
+        hit = (now, hub_unreachable_reason())
+        _HUB_PROBE[constants.ENDPOINT] = hit
+    return hit[1]
 
 
 def _read_json(path: str, what: str) -> dict:
@@ -105,13 +127,19 @@ def _read_json(path: str, what: str) -> dict:
 
 
 def validate_voice_preset(
-    preset: Mapping, n_coarse_codebooks: int | None = 2, n_fine_codebooks: int | None = 8, source: str = "voice_preset"
+    preset: Mapping,
+    n_coarse_codebooks: int | None = 2,
+    n_fine_codebooks: int | None = 8,
+    source: str = "voice_preset",
+    semantic_vocab_size: int | None = 10_000,
+    codebook_size: int | None = 1024,
 ) -> dict[str, np.ndarray]:
     """Check a voice preset and return it as a dict of the three numpy arrays.
 
-    semantic_prompt (X,), coarse_prompt (n_coarse_codebooks, X2), fine_prompt (n_fine_codebooks, X3), non-negative
-    integers (transformers checks the number of dimensions; the codebook counts and dtype are checked here too since
-    anything else fails later inside generation). Pass None for a codebook count to skip that check.
+    semantic_prompt (X,) with ids in [0, semantic_vocab_size), coarse_prompt (n_coarse_codebooks, X2) and fine_prompt
+    (n_fine_codebooks, X3) with codes in [0, codebook_size) (transformers checks the number of dimensions; the codebook
+    counts, dtype and ranges are checked here too since anything else fails later inside generation, as an index error
+    of an embedding). The defaults are Bark's (every suno checkpoint); pass None to skip a check.
     """
     if not isinstance(preset, Mapping):
         raise TypeError(f"{source}: expected a mapping with keys {VOICE_PRESET_KEYS}, got {type(preset).__name__}")
@@ -138,8 +166,39 @@ def validate_voice_preset(
             raise ValueError(f"{source}[{key!r}]: expected shape ({rows}, X) (one row per codebook), got {value.shape}")
         if value.size and value.min() < 0:
             raise ValueError(f"{source}[{key!r}]: expected non-negative token ids, got min {value.min()}")
+        limit = semantic_vocab_size if key == "semantic_prompt" else codebook_size
+        what = "semantic token ids" if key == "semantic_prompt" else "codebook codes"
+        if limit is not None and value.size and value.max() >= limit:
+            raise ValueError(f"{source}[{key!r}]: expected {what} in [0, {limit}), got max {value.max()}")
         out[key] = value
     return out
+
+
+def _load_error(error: Exception) -> str:
+    """numpy's reason in one line, without its invitation to load pickles "unsafely": voice presets are plain integer
+    arrays, and pickles are never loaded (they can run code)."""
+    text = " ".join(str(error).split())
+    if "allow_pickle" in text or "pickle" in text.lower():
+        return "it holds pickled Python objects, which are never loaded (unsafe); expected plain integer arrays"
+    return f"{type(error).__name__}: {text}"
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    """One .npy array (no pickles); ValueError naming ``what`` and the file otherwise."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot read {path!r}: {e.strerror or e}") from None
+    if magic != b"\x93NUMPY":
+        raise ValueError(f"{what}: {path!r} is not a .npy array file (it starts with {magic!r})")
+    try:
+        value = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"{what}: cannot read {path!r}: {_load_error(e)}") from None
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{what}: {path!r} does not hold an array")
+    return value
 
 
 def load_voice_preset_npz(path: str) -> dict[str, np.ndarray]:
@@ -147,9 +206,19 @@ def load_voice_preset_npz(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"voice_preset: file {path!r} does not exist")
     try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ValueError(f"voice_preset: cannot read {path!r}: {e.strerror or e}") from None
+    if not head.startswith(b"PK"):  # an .npz is a zip archive of .npy files
+        shown = "an empty file" if not head else f"a file starting with {head!r}"
+        kind = " (a single .npy array)" if head.startswith(b"\x93NUMPY") else ""
+        raise ValueError(f"voice_preset: {path!r} is not an .npz archive (a zip of .npy arrays with "
+                         f"{', '.join(VOICE_PRESET_KEYS)}); got {shown}{kind}")
+    try:
         data = np.load(path, allow_pickle=False)
-    except Exception as e:  # zipfile.BadZipFile, OSError, refusal to unpickle a non-archive ...
-        raise ValueError(f"voice_preset: cannot read {path!r} as an .npz archive: {e}") from e
+    except Exception as e:  # zipfile.BadZipFile (a truncated archive), OSError ...
+        raise ValueError(f"voice_preset: cannot read {path!r} as an .npz archive: {_load_error(e)}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(
             f"voice_preset: {path!r} holds a single array, expected an .npz archive with {VOICE_PRESET_KEYS}"
@@ -158,7 +227,7 @@ def load_voice_preset_npz(path: str) -> dict[str, np.ndarray]:
         with data:
             return {k: data[k] for k in data.files}
     except Exception as e:
-        raise ValueError(f"voice_preset: cannot read the arrays of {path!r}: {e}") from e
+        raise ValueError(f"voice_preset: cannot read the arrays of {path!r}: {_load_error(e)}") from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -283,10 +352,7 @@ class BarkProcessor:
                 path = _resolve_file(root, rel)
             if path is None:
                 raise FileNotFoundError(f"voice_preset {name!r}: {key} file {rel!r} not found in {root!r}")
-            try:
-                arrays[key] = np.load(path, allow_pickle=False)
-            except Exception as e:
-                raise ValueError(f"voice_preset {name!r}: cannot read {key} from {path!r}: {e}") from e
+            arrays[key] = _load_npy(path, f"voice_preset {name!r} ({key})")
         return arrays
 
     def load_voice_preset(self, voice_preset) -> dict[str, torch.Tensor]:

@@ -104,17 +104,54 @@ def _self_test_one(backend: str, device: torch.device, dtype: torch.dtype) -> li
     return rows
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (``prog: error: message (--help for usage)``, exit code 2) instead of
+    the usage block followed by the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
+def _env_backend_problems(devices: list[torch.device]) -> list[str]:
+    """Why ``BARK_KERNELS_BACKEND`` would make attention calls fail on ``devices`` (empty when unset or usable)."""
+    try:
+        name = registry.env_backend()
+    except ValueError as exc:
+        return [str(exc)]
+    if name is None:
+        return []
+    problems = []
+    for device in devices:
+        if not any(registry.why_not(name, "attention", device, dtype, 64) is None
+                   for dtype in (torch.float32, torch.float16, torch.bfloat16)):
+            reason = registry.why_not(name, "attention", device, torch.float32, 64)
+            problems.append(f"{registry.ENV_BACKEND}={name}: every attention call on {device} would fail: {reason}")
+    return problems
+
+
 def check(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bark-kernels check", description="Environment and backend self-test.")
-    parser.add_argument("--device", action="append", help="device(s) to test (default: cpu, and cuda if present)")
+    from .devices import parse_device
+
+    parser = OneLineArgumentParser(prog="bark-kernels check", description="Environment and backend self-test.")
+    parser.add_argument("--device", action="append",
+                        help="device(s) to test: cpu, cuda or cuda:N (default: cpu, and cuda if present)")
     parser.add_argument("--interpret", action="store_true",
                         help="run the Triton backend on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1)")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse printed the error (or the help)
+        return int(exit_.code) if isinstance(exit_.code, int) else 2
+    try:
+        devices = [parse_device(name, "--device") for name in (args.device or [])]
+    except ValueError as exc:
+        print(f"bark-kernels check: error: {exc}", file=sys.stderr)
+        return 2
     if args.interpret:
         import os
 
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            print("--interpret: triton was imported before the interpreter could be switched on", file=sys.stderr)
+            print("bark-kernels check: error: --interpret: triton was imported before the interpreter could be "
+                  "switched on", file=sys.stderr)
             return 2
         os.environ["TRITON_INTERPRET"] = "1"
     print("bark-kernels check")
@@ -124,11 +161,15 @@ def check(argv: list[str] | None = None) -> int:
     for row in registry.describe():
         state = "available" if row["available"] else f"unavailable: {row['reason']}"
         print(f"  {row['name']:<11} {state}")
-    devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    devices = devices or [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     failures = 0
+    env_problems = _env_backend_problems(devices)
+    for problem in env_problems:
+        print(f"  FAIL: {problem}")
+    failures += len(env_problems)
     print("self-test (max error vs float64 reference within the tolerance table):")
-    for device_name in devices:
-        device = torch.device(device_name)
+    for device in devices:
+        device_name = str(device)
         dtypes = [torch.float16, torch.bfloat16, torch.float32]
         for name in registry.BACKENDS:
             if registry.availability(name) is not None:
@@ -156,16 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = "usage: bark-kernels {check,speak} ...\n  check   environment + backend self-test\n  speak   text to speech"
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage)
+        print(usage, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "check":
-        return check(rest)
-    if command == "speak":
-        from bark.cli import speak_main
+    try:
+        if command == "check":
+            return check(rest)
+        if command == "speak":
+            from bark.cli import speak_main
 
-        return speak_main(rest)
-    print(f"bark-kernels: unknown command {command!r}\n{usage}", file=sys.stderr)
+            return speak_main(rest)
+    except KeyboardInterrupt:
+        print(f"bark-kernels {command}: interrupted", file=sys.stderr)
+        return 130
+    print(f"bark-kernels: error: unknown command {command!r} (expected check or speak; --help for usage)",
+          file=sys.stderr)
     return 2
 
 

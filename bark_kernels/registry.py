@@ -96,6 +96,18 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if availability(name) is None]
 
 
+def env_backend() -> str | None:
+    """The backend named by ``BARK_KERNELS_BACKEND`` (None when unset or empty). Raises ValueError when it names no
+    backend, so that a typo is reported before any work (``select`` would only find it at the first attention call)."""
+    value = os.environ.get(ENV_BACKEND)
+    if value is None or not value.strip():
+        return None
+    if value.strip() not in BACKENDS:
+        raise ValueError(f"{ENV_BACKEND}: expected one of {list(BACKENDS)} (or unset: automatic choice), "
+                         f"got {value!r}")
+    return value.strip()
+
+
 def _check_name(name: object) -> None:
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {name!r}")

@@ -107,6 +107,51 @@ def save_tiny_bark(path, seed: int = 0, **kwargs):
     return model
 
 
+SMALL_VOCAB = (
+    ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    + list("abcdefghijklmnopqrstuvwxyz.,!?'")
+    + ["hello", "world", "the", "bark", "##s", "##ing"]
+)
+
+
+def save_tiny_speak_checkpoint(path, seed: int = 0, preset_seed: int = 2):
+    """``save_tiny_bark(path)`` plus what ``bark-kernels speak`` reads besides the weights: a small WordPiece
+    vocab.txt, tokenizer_config.json and one named voice preset, "v2/en_speaker_0" (speaker_embeddings_path.json and
+    its .npy files). Returns the path."""
+    save_tiny_bark(path, seed=seed)
+    with open(os.path.join(str(path), "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(SMALL_VOCAB) + "\n")
+    with open(os.path.join(str(path), "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        f.write('{"do_lower_case": false}')
+    os.makedirs(os.path.join(str(path), "speaker_embeddings"), exist_ok=True)
+    table = {"v2/en_speaker_0": {}}
+    for key, value in random_voice_preset(seed=preset_seed).items():
+        rel = f"speaker_embeddings/en_speaker_0_{key}.npy"
+        np.save(os.path.join(str(path), rel), value)
+        table["v2/en_speaker_0"][key] = rel
+    with open(os.path.join(str(path), "speaker_embeddings_path.json"), "w", encoding="utf-8") as f:
+        json.dump(table, f)
+    return path
+
+
+def tiny_random_bark_config():
+    """A ``bark.BarkConfig`` with Bark's vocabularies and token ids, 16 wide, one layer (no weights: for
+    ``bark.BarkModel(config)``, e.g. as a stand-in for ``bark.config.bark_small_config`` in the CLI's random model)."""
+    import bark
+
+    def sub(vocab, **extra):
+        return dict(block_size=1024, input_vocab_size=vocab[0], output_vocab_size=vocab[1], num_layers=1, num_heads=2,
+                    hidden_size=16, bias=False, **extra)
+
+    return bark.BarkConfig(
+        semantic_config=sub(SEMANTIC_VOCAB),
+        coarse_acoustics_config=sub(COARSE_VOCAB),
+        fine_acoustics_config=sub(FINE_VOCAB, n_codes_total=8, n_codes_given=1),
+        codec_config=dict(hidden_size=16, num_filters=4, codebook_size=CODEBOOK_SIZE, target_bandwidths=[1.5, 6.0]),
+        generation_config=tiny_generation_config_dict(),
+    )
+
+
 def random_voice_preset(seed: int = 0, n_semantic: int = 40, n_coarse_frames: int = 60,
                         n_fine_frames: int | None = None) -> dict[str, np.ndarray]:
     """A random voice preset with Bark's layout: semantic_prompt (n,), coarse_prompt (2, m), fine_prompt (8, m)."""

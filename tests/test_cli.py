@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import wave
 
@@ -15,30 +14,14 @@ from bark import cli
 from bark.cli import add_speak_parser, speak_main, write_wav_atomic
 
 pytest.importorskip("transformers")
-from bark_tiny import random_voice_preset, save_tiny_bark  # noqa: E402
+from bark_tiny import random_voice_preset, save_tiny_speak_checkpoint, tiny_random_bark_config  # noqa: E402
 
-VOCAB = (
-    ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    + list("abcdefghijklmnopqrstuvwxyz.,!?'")
-    + ["hello", "world", "the", "bark", "##s", "##ing"]
-)
 FAST = ["--semantic-max-new-tokens", "12", "--quiet", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_bark")
-    save_tiny_bark(path)
-    (path / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    (path / "tokenizer_config.json").write_text('{"do_lower_case": false}', encoding="utf-8")
-    (path / "speaker_embeddings").mkdir()
-    table = {"v2/en_speaker_0": {}}
-    for key, value in random_voice_preset(seed=2).items():
-        rel = f"speaker_embeddings/en_speaker_0_{key}.npy"
-        np.save(path / rel, value)
-        table["v2/en_speaker_0"][key] = rel
-    (path / "speaker_embeddings_path.json").write_text(json.dumps(table), encoding="utf-8")
-    return path
+    return save_tiny_speak_checkpoint(tmp_path_factory.mktemp("tiny_bark"))
 
 
 def _read_wav(path):
@@ -135,38 +118,12 @@ def test_batch_file_and_voice_preset(tiny_dir, tmp_path, capsys):
     assert _leftovers(tmp_path) == []
 
 
-def _tiny_random_config():
-    from bark_tiny import tiny_generation_config_dict
-
-    import bark
-
-    def sub(vocab_in, vocab_out, **extra):
-        return dict(
-            block_size=1024,
-            input_vocab_size=vocab_in,
-            output_vocab_size=vocab_out,
-            num_layers=1,
-            num_heads=2,
-            hidden_size=16,
-            bias=False,
-            **extra,
-        )
-
-    return bark.BarkConfig(
-        semantic_config=sub(129_600, 10_048),
-        coarse_acoustics_config=sub(12_096, 12_096),
-        fine_acoustics_config=sub(1_056, 1_056, n_codes_total=8, n_codes_given=1),
-        codec_config=dict(hidden_size=16, num_filters=4, codebook_size=1024, target_bandwidths=[1.5, 6.0]),
-        generation_config=tiny_generation_config_dict(),
-    )
-
-
 def test_builtin_random_model_when_no_checkpoint(tmp_path, capsys, monkeypatch):
     import bark.config
 
     # No cached suno/bark-small: the built-in random model runs (shrunk here to keep the test fast) and says so.
     monkeypatch.setattr(cli, "_hub_cached", lambda repo_id: False)
-    monkeypatch.setattr(bark.config, "bark_small_config", _tiny_random_config)
+    monkeypatch.setattr(bark.config, "bark_small_config", tiny_random_bark_config)
     out = tmp_path / "noise.wav"
     rc = speak_main(["hello", "-o", str(out), "--quiet", "--device", "cpu"])
     captured = capsys.readouterr()
