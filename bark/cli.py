@@ -4,6 +4,12 @@
         [--attn auto|triton|cuda|flash_attention_2|sdpa|eager] [--dtype auto|float32|float16|bfloat16]
         [--device cpu|cuda[:N]] [--seed N] [--batch-file texts.txt] [--greedy] [--temperature T]
         [--semantic-max-new-tokens N] [--threads N] [--quiet]
+        [--text-file story.txt] [--pause S] [--continuity preset|previous] [--max-piece-tokens N]
+        [--wav-per-piece] [--save-voice PATH.npz] [--offload]
+
+A text (the argument or ``--text-file``) of any length is spoken as one recording: split into sentences, generated
+``--batch-size`` pieces at a time and appended to the WAV as each piece is finished (bark.cli_longform).
+``--batch-file`` speaks each line as its own short text, one WAV per line (this module).
 
 Without ``--model`` it uses suno/bark-small when that is in the local Hugging Face cache; otherwise (a fresh machine,
 no network) it runs a built-in randomly initialised model with bark-small's real shapes, says so plainly (the audio is
@@ -134,6 +140,9 @@ def _configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .cli_longform import add_longform_arguments
+
+    add_longform_arguments(parser)  # --text-file, --pause, --continuity, --save-voice, --offload, ...
     return parser
 
 
@@ -487,6 +496,10 @@ def run_speak(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from . import cli_longform
+
+    if cli_longform.wanted(args):  # a text of any length (the argument or --text-file): one recording, piece by piece
+        return cli_longform.run(args)
     texts = _read_texts(args)
     outputs = _output_paths(args.output, len(texts))
     for path in outputs:
