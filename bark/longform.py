@@ -13,7 +13,9 @@ How: the text is split into sentences, and a sentence longer than Bark reads (25
 (``bark.text``). The pieces are generated ``batch_size`` at a time as one ragged batch: rows keep their own text
 length, voice prompt and end, and each row's tokens equal what generating that piece alone gives (exactly so for
 greedy decoding; see "Sampling" below). ``stream`` yields pieces in text order; ``synthesize`` joins them with
-``pause`` seconds of silence.
+``pause`` seconds of silence. Chunks follow the text (``order="text"``, stream's default: the first pieces come first)
+or group pieces of similar length (``order="length"``, synthesize's default: a ragged batch runs until its longest
+row is done, so rows that end together waste less).
 
 Voice continuity (``continuity``):
 
@@ -52,6 +54,7 @@ __all__ = ["synthesize", "stream", "plan_pieces", "join_pieces", "SpeechPiece", 
 logger = logging.getLogger(__name__)
 
 CONTINUITY = ("preset", "previous")
+ORDERS = ("text", "length")
 DEFAULT_PAUSE = 0.25  # seconds of silence between pieces (suno's long-form notebook uses a quarter second)
 
 
@@ -250,7 +253,7 @@ def _check_args(continuity, batch_size, max_tokens, seed, model) -> int:
 
 def stream(model, text: str | Sequence[str], *, processor=None, voice=None, continuity: str = "preset",
            batch_size: int = 8, max_tokens: int | None = None, seed: int | None = None, offload=False,
-           callback: Callable | None = None, **generate_kwargs) -> SpeechStream:
+           order: str = "text", callback: Callable | None = None, **generate_kwargs) -> SpeechStream:
     """Speak ``text`` (a str, or a list of texts spoken one after the other) piece by piece: yields each
     :class:`SpeechPiece` in order, as soon as it and every piece before it are generated.
 
@@ -259,12 +262,16 @@ def stream(model, text: str | Sequence[str], *, processor=None, voice=None, cont
     or "previous" (module docstring); ``batch_size``: pieces generated together; ``max_tokens``: the longest piece in
     text tokens (default and most: Bark's 256); ``seed``: per-chunk seeded sampling (module docstring); ``offload``:
     True (or a CUDA device) to keep sub-models in CPU memory and on the GPU only for their stage (bark.offload; the
-    model should then be on the CPU); ``callback``: receives every ``bark.StageEvent`` of
+    model should then be on the CPU); ``order``: "text" (chunks of consecutive pieces: the first pieces come
+    first) or "length" (chunks of pieces of similar text length, longest first: less time on rows that have ended,
+    but the first piece may come late; yields stay in text order); ``callback``: receives every ``bark.StageEvent`` of
     every chunk; the other keyword arguments go to ``generate`` (``do_sample``, ``temperature``,
     ``semantic_max_new_tokens``, ``decode_mode`` ...).
     """
     texts = _as_texts(text)
     max_tokens = _check_args(continuity, batch_size, max_tokens, seed, model)
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {list(ORDERS)}, got {order!r}")
     encoder = _encoder(processor)
     if "history_prompt" in generate_kwargs:
         raise TypeError("history_prompt: pass the voice as voice=... (a preset name, .npz path or dict)")
@@ -279,19 +286,23 @@ def stream(model, text: str | Sequence[str], *, processor=None, voice=None, cont
     for ti, pieces in enumerate(plan):
         for pi, piece in enumerate(pieces):
             jobs.append(_Job(len(jobs), ti, pi, piece, pi == len(pieces) - 1))
-    return SpeechStream(_run(model, jobs, encoder, history, continuity, batch_size, seed, offload, callback,
-                             generate_kwargs), [j.text for j in jobs], [j.text_index for j in jobs])
+    chunks = _chunks(jobs, continuity, history is not None, batch_size, order)
+    return SpeechStream(_run(model, chunks, encoder, history, continuity, seed, offload, callback, generate_kwargs),
+                        [j.text for j in jobs], [j.text_index for j in jobs], [[j.index for j in c] for c in chunks])
 
 
 class SpeechStream:
     """What :func:`stream` returns: an iterator of :class:`SpeechPiece` in order; ``texts`` holds every piece's text
-    (known before any is generated: ``len(stream.texts)`` pieces will come) and ``text_indices`` the input text each
-    belongs to. ``close()`` stops early (an offloaded model is put back)."""
+    (known before any is generated: ``len(stream)`` pieces will come), ``text_indices`` the input text each belongs
+    to and ``chunks`` the generate calls that will run, in order, as lists of piece indices (the rows of each call).
+    ``close()`` stops early (an offloaded model is put back)."""
 
-    def __init__(self, pieces: Iterator[SpeechPiece], texts: list[str], text_indices: list[int]) -> None:
+    def __init__(self, pieces: Iterator[SpeechPiece], texts: list[str], text_indices: list[int],
+                 chunks: list[list[int]]) -> None:
         self._pieces = pieces
         self.texts = texts
         self.text_indices = text_indices
+        self.chunks = chunks
 
     def __iter__(self) -> SpeechStream:
         return self
@@ -306,22 +317,29 @@ class SpeechStream:
         self._pieces.close()
 
 
-def _schedule(jobs: list[_Job], continuity: str, has_voice: bool) -> list[list[_Job]]:
-    """Rounds of jobs whose conditioning is known once the earlier rounds are done; each round is generated in
-    chunks of batch_size, in order."""
+def _chunks(jobs: list[_Job], continuity: str, has_voice: bool, batch_size: int, order: str) -> list[list[_Job]]:
+    """The generate calls, in order: rounds of jobs whose conditioning is known once the earlier rounds are done
+    ("previous": piece k of every text; "preset" without a voice: every text's first piece, then the rest), each cut
+    into chunks of batch_size; ``order="length"`` sorts a round by text length first (longest first), so rows that
+    end together share a chunk."""
     if continuity == "previous":
-        rounds: dict[int, list[_Job]] = {}
+        by_piece: dict[int, list[_Job]] = {}
         for job in jobs:
-            rounds.setdefault(job.piece_index, []).append(job)
-        return [rounds[k] for k in sorted(rounds)]
-    if has_voice:
-        return [jobs]
-    firsts = [j for j in jobs if j.piece_index == 0]
-    rest = [j for j in jobs if j.piece_index > 0]
-    return [firsts, rest] if rest else [firsts]
+            by_piece.setdefault(job.piece_index, []).append(job)
+        rounds = [by_piece[k] for k in sorted(by_piece)]
+    elif has_voice:
+        rounds = [jobs]
+    else:
+        rounds = [r for r in ([j for j in jobs if j.piece_index == 0], [j for j in jobs if j.piece_index > 0]) if r]
+    chunks = []
+    for round_jobs in rounds:
+        if order == "length":
+            round_jobs = sorted(round_jobs, key=lambda j: (-len(j.text), j.index))
+        chunks += [round_jobs[i:i + batch_size] for i in range(0, len(round_jobs), batch_size)]
+    return chunks
 
 
-def _run(model, jobs, encoder, history, continuity, batch_size, seed, offload, callback,
+def _run(model, chunks, encoder, history, continuity, seed, offload, callback,
          generate_kwargs) -> Iterator[SpeechPiece]:
     gen_config = model.generation_config
     sample_rate = int(model.sampling_rate)
@@ -344,25 +362,23 @@ def _run(model, jobs, encoder, history, continuity, batch_size, seed, offload, c
     chain: dict[int, dict | None] = {}  # text index -> the voice its next piece is conditioned on
     next_out = 0
     try:
-        for round_jobs in _schedule(jobs, continuity, history is not None):
-            for start in range(0, len(round_jobs), batch_size):
-                chunk = round_jobs[start:start + batch_size]
-                rows = [_history_for(job, continuity, history, chain) for job in chunk]
-                input_ids, attention_mask = encoder.encode([j.text for j in chunk], max_length=text_length)
-                pieces = _generate_chunk(target, device, chunk, rows, input_ids, attention_mask, seed, callback,
-                                         gen_config, sample_rate, generate_kwargs)
-                for job, piece in zip(chunk, pieces, strict=True):
-                    done[job.index] = piece
-                    voice = _as_history(piece)
-                    if continuity == "previous" or job.piece_index == 0:
-                        if _usable(voice) or job.text_index not in chain:
-                            chain[job.text_index] = voice if _usable(voice) else history
-                while next_out in done:
-                    piece = done.pop(next_out)
-                    if next_out == 0:
-                        piece.notes.extend(notes)
-                    next_out += 1
-                    yield piece
+        for chunk in chunks:
+            rows = [_history_for(job, continuity, history, chain) for job in chunk]
+            input_ids, attention_mask = encoder.encode([j.text for j in chunk], max_length=text_length)
+            pieces = _generate_chunk(target, device, chunk, rows, input_ids, attention_mask, seed, callback,
+                                     gen_config, sample_rate, generate_kwargs)
+            for job, piece in zip(chunk, pieces, strict=True):
+                done[job.index] = piece
+                voice = _as_history(piece)
+                if continuity == "previous" or job.piece_index == 0:
+                    if _usable(voice) or job.text_index not in chain:
+                        chain[job.text_index] = voice if _usable(voice) else history
+            while next_out in done:
+                piece = done.pop(next_out)
+                if next_out == 0:
+                    piece.notes.extend(notes)
+                next_out += 1
+                yield piece
     finally:
         if offloaded is not None:
             offloaded.close()
@@ -420,22 +436,24 @@ def _generate_chunk(target, device, chunk: list[_Job], rows: list, input_ids, at
 
 def synthesize(model, text: str | Sequence[str], *, processor=None, voice=None, pause: float = DEFAULT_PAUSE,
                continuity: str = "preset", batch_size: int = 8, max_tokens: int | None = None,
-               seed: int | None = None, offload=False, return_pieces: bool = False,
+               seed: int | None = None, offload=False, order: str = "length", return_pieces: bool = False,
                callback: Callable | None = None, **generate_kwargs):
     """Speak ``text`` of any length in one call -> float32 audio at ``model.sampling_rate`` (24 kHz).
 
     A str gives one array; a list of texts gives a list of arrays (one recording per text; their pieces are batched
     together). Each recording is its pieces in order with ``pause`` seconds of silence between them. With
     ``return_pieces=True`` the result is ``(audio, pieces)``, pieces being every :class:`SpeechPiece` in order (their
-    text, audio and tokens). Every other argument as :func:`stream`.
+    text, audio and tokens). ``order`` defaults to "length" here (nothing is handed out before the end, so chunks of
+    pieces of similar length, which waste less time on rows that have ended, cost nothing). Every other argument as
+    :func:`stream`.
 
         audio = bark.synthesize(model, open("story.txt").read(), processor=processor, voice="v2/en_speaker_6",
                                 do_sample=True, seed=0)
     """
     join_pieces([], pause)  # checks pause before any work
     pieces = list(stream(model, text, processor=processor, voice=voice, continuity=continuity,
-                         batch_size=batch_size, max_tokens=max_tokens, seed=seed, offload=offload, callback=callback,
-                         **generate_kwargs))
+                         batch_size=batch_size, max_tokens=max_tokens, seed=seed, offload=offload, order=order,
+                         callback=callback, **generate_kwargs))
     sample_rate = int(model.sampling_rate)
     n_texts = 1 if isinstance(text, str) else len(text)
     audios = [join_pieces([p for p in pieces if p.text_index == i], pause, sample_rate) for i in range(n_texts)]

@@ -27,7 +27,6 @@ only thing ever cut inside (a warning says so).
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Callable
 
@@ -174,7 +173,7 @@ def _pack(units: list[str], count: Callable[[str], int], max_tokens: int) -> lis
         else:
             lo = mid + 1
     starts = _greedy(costs, lo) + [len(units)]
-    runs = [units[a:b] for a, b in zip(starts, starts[1:])]
+    runs = [units[a:b] for a, b in zip(starts, starts[1:], strict=False)]
     out: list[list[str]] = []
     for run in runs:  # costs are added up; a tokenizer that is not additive gets its overlong runs halved again
         if len(run) > 1 and count(_join(run)) > max_tokens:

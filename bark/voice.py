@@ -49,7 +49,8 @@ def coarse_codebooks(coarse_ids, generation_config) -> np.ndarray:
     cb = gen.codebook_size
     ids = _numpy(coarse_ids).astype(np.int64).reshape(-1)
     if ids.shape[0] % n_coarse:
-        raise ValueError(f"coarse_ids: expected a multiple of {n_coarse} ids (codebooks interleaved), got {ids.shape[0]}")
+        raise ValueError(f"coarse_ids: expected a multiple of {n_coarse} ids (codebooks interleaved), "
+                         f"got {ids.shape[0]}")
     codes = ids.reshape(-1, n_coarse).T - gen.semantic_config.semantic_vocab_size  # (n_coarse, frames)
     codes = np.remainder(codes, cb)  # codebook n's offset n * cb off; as the fine stage reads them (see above)
     return np.ascontiguousarray(codes)

@@ -52,7 +52,7 @@ def _api(tiny_dir, text, **kwargs):
     model = bark.BarkModel.from_pretrained(str(tiny_dir))
     processor = bark.BarkProcessor.from_pretrained(str(tiny_dir))
     return bark.synthesize(model, text, processor=processor, semantic_max_new_tokens=8, do_sample=False,
-                           return_pieces=True, **kwargs)
+                           return_pieces=True, order="text", **kwargs)  # the CLI streams: chunks in text order
 
 
 def test_text_file_becomes_one_wav_of_every_piece(tiny_dir, story, tmp_path, capsys):
@@ -172,9 +172,10 @@ def test_long_text_argument_errors(tiny_dir, tmp_path, capsys, argv_tail, code, 
 
 def test_random_model_long_text(tmp_path, capsys, monkeypatch):
     """The built-in random model has no tokenizer: pieces are counted in bytes, and its voice .npz works."""
+    from test_cli import _tiny_random_config
+
     import bark.config
     from bark import cli
-    from test_cli import _tiny_random_config
 
     monkeypatch.setattr(cli, "_hub_cached", lambda repo_id: False)
     monkeypatch.setattr(bark.config, "bark_small_config", _tiny_random_config)

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import bark
-from bark import longform
 from bark.generation import generate_tokens
 from bark.voice import VoiceRecorder, coarse_codebooks, load_voice, save_voice
 from bark.wav import WavAppender, to_pcm16
@@ -126,6 +125,22 @@ def test_stream_yields_in_order_as_soon_as_ready(tiny):
     # chunk 1 (pieces 0, 1) is handed out before chunk 2 starts, and so on
     assert log == [("chunk", 2), ("piece", 0), ("piece", 1), ("chunk", 2), ("piece", 2), ("piece", 3),
                    ("chunk", 1), ("piece", 4)]
+
+
+def test_length_order_groups_similar_pieces_and_changes_nothing_else(tiny):
+    _, model, processor = tiny
+    kwargs = dict(processor=processor, voice=_voice(), batch_size=4, semantic_max_new_tokens=SEMANTIC_TOKENS)
+    by_length = bark.stream(model, TEXT, order="length", **kwargs)
+    by_text = bark.stream(model, TEXT, **kwargs)
+    assert by_text.chunks == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12]]
+    sizes = [len(t) for t in by_length.texts]
+    flat = [i for c in by_length.chunks for i in c]
+    assert sorted(flat) == list(range(len(sizes))) and [sizes[i] for i in flat] == sorted(sizes, reverse=True)
+    for a, b in zip(by_length, by_text, strict=True):  # greedy: a piece does not depend on its chunk
+        assert a.index == b.index and np.array_equal(a.semantic, b.semantic) and np.array_equal(a.fine, b.fine)
+        assert a.audio.shape == b.audio.shape
+    with pytest.raises(ValueError, match="order"):
+        bark.stream(model, TEXT, order="random", **kwargs)
 
 
 def test_previous_piece_continuity(tiny):
