@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     from .wav import WavAppender
 
     appender = None if args.wav_per_piece else WavAppender(args.output, sample_rate)
-    finished = []  # (piece, samples written)
+    finished = []  # the pieces written so far
     written_files = []
     gen_s = 0.0
     try:
