@@ -7,6 +7,12 @@
     audio = model.generate(**inputs)                      # (batch, samples) at 24 kHz
 
 A model with the real shapes and random weights: ``bark.BarkModel(bark.bark_small_config())``.
+
+Text of any length in one voice (split into sentences, generated in ragged batches, joined; bark.longform)::
+
+    audio = bark.synthesize(model, long_text, processor=processor, voice="v2/en_speaker_6")   # float32, 24 kHz
+    for piece in bark.stream(model, long_text, processor=processor):                          # piece by piece
+        ...
 """
 
 from .config import (
@@ -19,6 +25,7 @@ from .config import (
     bark_small_config,
 )
 from .generation import StageEvent
+from .longform import SpeechPiece, stream, synthesize
 from .model import BarkModel
 
 try:  # the processor is optional at import time (it needs the tokenizers library)
@@ -48,4 +55,7 @@ __all__ = [
     "BarkGenerationConfig",
     "bark_small_config",
     "bark_config",
+    "synthesize",
+    "stream",
+    "SpeechPiece",
 ]

@@ -4,6 +4,12 @@
         [--attn auto|triton|cuda|flash_attention_2|sdpa|eager] [--dtype auto|float32|float16|bfloat16]
         [--device cpu|cuda[:N]] [--seed N] [--batch-file texts.txt] [--greedy] [--temperature T]
         [--semantic-max-new-tokens N] [--threads N] [--quiet]
+        [--text-file story.txt] [--pause S] [--continuity preset|previous] [--max-piece-tokens N]
+        [--wav-per-piece] [--save-voice PATH.npz] [--offload]
+
+A text (the argument or ``--text-file``) of any length is spoken as one recording: split into sentences, generated
+``--batch-size`` pieces at a time and appended to the WAV as each piece is finished (bark.cli_longform).
+``--batch-file`` speaks each line as its own short text, one WAV per line (this module).
 
 Without ``--model`` it uses suno/bark-small when that is in the local Hugging Face cache; otherwise (a fresh machine,
 no network) it runs a built-in randomly initialised model with bark-small's real shapes, says so plainly (the audio is
@@ -151,7 +157,10 @@ def _configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "--threads", type=_threads, default=None, help="CPU threads for torch (default: torch's choice)"
     )
     parser.add_argument("--quiet", action="store_true",
-                        help="no progress display (a bar per stage on a terminal, else one line per stage)")
+                        help="no progress display (on a terminal a bar, else one line per stage)")
+    from .cli_longform import add_longform_arguments
+
+    add_longform_arguments(parser)  # --text-file, --pause, --continuity, --save-voice, --offload, ...
     return parser
 
 
@@ -334,7 +343,8 @@ def _check_flags(args, outputs: Sequence[str]) -> None:
         raise SpeakError(f"--temperature {args.temperature:g}: greedy decoding (--greedy) uses no temperature; drop "
                          f"one of the two")
     targets = {os.path.realpath(p) for p in outputs}
-    for flag, path in (("--batch-file", args.batch_file), ("--voice", args.voice)):
+    for flag, path in (("--batch-file", args.batch_file), ("--voice", args.voice),
+                       ("--text-file", getattr(args, "text_file", None))):
         if path is not None and os.path.realpath(path) in targets:
             raise SpeakError(f"--output {args.output!r} would overwrite the {flag} file {path!r}; choose another path")
 
@@ -697,7 +707,12 @@ def run_speak(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # Everything that can be checked without the weights is checked first: a mistake costs no model load.
+    from . import cli_longform
+
+    if cli_longform.wanted(args):  # a text of any length (the argument or --text-file): one recording, piece by piece
+        return cli_longform.run(args)
+    # --batch-file: one WAV per line. Everything that can be checked without the weights is checked first: a mistake
+    # costs no model load.
     texts = _read_texts(args)
     outputs = _output_paths(args.output, len(texts))
     _check_flags(args, outputs)

@@ -16,6 +16,9 @@ each step's result lands in the output folder as soon as it finishes:
   bench     kernel timings vs SDPA's kernels and end to end vs transformers (``python -m benchmarks``)
   sanitize  compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) and racecheck over
             scripts/sanitize_cases.py (Triton and CUDA kernels); CPU: the same cases without the sanitizer
+  longform  long-form benchmark (benchmarks/longform.py): a ~2,000-character paragraph, batched vs one piece at a
+            time (bark-small fp16), and the peak GPU memory with and without offload; last, on what time is left
+            (its JSON and table go into logs.tar.gz, its figures into steps.json and summary.md)
 
 At most 8 files land in the output folder: summary.md (every failure first, then every figure), steps.json,
 junit.xml, decode.json, results.json, results.md, sanitize.log and logs.tar.gz (every step's full log, plots, the
@@ -42,11 +45,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STEP_NAMES = ["env", "build", "check", "tests", "decode", "bench", "sanitize"]
+STEP_NAMES = ["env", "build", "check", "tests", "decode", "bench", "sanitize", "longform"]
 # Share of the GPU budget each step may take at most (and the least it needs to be worth starting), seconds at the
 # default 540 s budget; scaled with --budget. Unused time flows to the later steps.
 CAPS = {"env": (30, 5), "build": (150, 20), "check": (90, 10), "tests": (210, 20), "decode": (90, 15),
-        "bench": (150, 20), "sanitize": (150, 20)}
+        "bench": (150, 20), "sanitize": (150, 20), "longform": (90, 30)}
 OVERRIDES: dict[str, float] = {}  # --caps
 DEFAULT_BUDGET = 540.0
 SUMMARY_RESERVE = 6.0  # seconds kept for the last summary and the tarball
@@ -513,6 +516,32 @@ def step_sanitize(s: Session, deadline: float) -> StepResult:
     return r
 
 
+def step_longform(s: Session, deadline: float) -> StepResult:
+    r = s.results["longform"]
+    out_dir = s.work / "longform"
+    internal = max(5.0, deadline - 25)  # no new run starts after this; a started one finishes
+    argv = [s.python, "-m", "benchmarks.longform", "--out", str(out_dir), "--budget", f"{internal:.0f}",
+            "--pairs", "1", "--modes", "sequential,batched"] + (["--quick", "--threads", "1"] if s.cpu else [])
+    r.command = " ".join(argv)
+    rc, timed_out, out = s.run("longform", argv, "longform.log", deadline)
+    r.rc = rc
+    path = out_dir / "longform.json"
+    if path.exists():
+        payload = json.loads(path.read_text())
+        r.figures.update({k: v for k, v in payload.items() if k in ("model", "dtype", "pieces", "characters",
+                                                                     "batch_size", "cut")
+                          or k.startswith("speedup_median")})
+        r.figures["pairs"] = payload.get("pairs", [])
+        r.figures["runs"] = [{"mode": x["mode"], "wall_s": x["figures"]["wall_s"],
+                              "peak_gpu_allocated_gib": x["figures"].get("peak_gpu_allocated_gib")}
+                             for x in payload.get("runs", [])]
+    same = all(p.get("same_tokens") for p in r.figures.get("pairs", []))
+    r.status = "timeout" if timed_out else ("ok" if rc == 0 and path.exists() and same else "failed")
+    if r.status != "ok":
+        r.note = _tail(out, 12)
+    return r
+
+
 def _last_line(text: str, marker: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if marker in ln]
     return lines[-1] if lines else ""
@@ -604,6 +633,18 @@ def summary_markdown(s: Session) -> str:
     z = s.results["sanitize"].figures
     if z:
         lines += ["### compute-sanitizer", ""] + [f"- {key}: {val}" for key, val in z.items()] + [""]
+    lf = s.results["longform"].figures
+    if lf.get("runs"):
+        lines += [f"### Long-form ({lf.get('characters')} characters, {lf.get('pieces')} pieces, {lf.get('model')} "
+                  f"{lf.get('dtype')}, batch size {lf.get('batch_size')})", "",
+                  "| mode | wall s | peak GPU GiB |", "|---|---|---|"]
+        for x in lf["runs"]:
+            lines.append(f"| {x['mode']} | {_num(x['wall_s'], 1)} | {_num(x['peak_gpu_allocated_gib'])} |")
+        for p in lf.get("pairs", []):
+            lines.append(f"\n{p.get('mode')} {_num(p.get('speedup'))}x faster than one piece at a time (RTF "
+                         f"{_num(p.get('rtf_sequential'), 3)} -> {_num(p.get('rtf_batched'), 3)}); same tokens: "
+                         f"{p.get('same_tokens')}")
+        lines.append("")
     lines += ["Files: summary.md (this), steps.json, junit.xml, decode.json, results.json, results.md, sanitize.log, "
               "logs.tar.gz (every step's full log, env.json, bench plots).", ""]
     return "\n".join(lines)
@@ -682,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cpu else None)
     runners = {"env": step_env, "build": step_build, "check": step_check,
                "tests": lambda s_, d: step_tests(s_, d, selection), "decode": step_decode, "bench": step_bench,
-               "sanitize": step_sanitize}
+               "sanitize": step_sanitize, "longform": step_longform}
     for name in STEP_NAMES:
         r = s.results[name]
         if name not in steps:

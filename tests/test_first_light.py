@@ -82,4 +82,4 @@ def test_full_rehearsal_passes(tmp_path):
     """Every step's code path at tiny sizes, under the interpreter (what .ci/run runs)."""
     res = _run(tmp_path, "--budget", "240", timeout=400)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    _check_complete(tmp_path, ["env", "build", "check", "tests", "decode", "bench", "sanitize"])
+    _check_complete(tmp_path, ["env", "build", "check", "tests", "decode", "bench", "sanitize", "longform"])

@@ -227,21 +227,36 @@ def test_progress_is_one_line_per_stage_outside_a_terminal():
     assert quiet.getvalue() == ""
 
 
-def test_random_model_run_in_a_log(tmp_path, capsys, monkeypatch):
-    """The built-in random model (shrunk) with a text past its 256 bytes, stderr not a terminal: a warning that the
-    text is cut, one progress line per stage, no carriage returns."""
+def test_random_model_run_in_a_log(tmp_path, capsys, caplog, monkeypatch):
+    """The built-in random model (shrunk), stderr not a terminal: one progress line per stage, no carriage returns.
+    A --batch-file line past its 256 bytes is cut with a warning; a text argument of any length is spoken whole, in
+    pieces of at most 256 bytes (a 300-byte 'word' is split, and the log says so)."""
     from bark_tiny import tiny_random_bark_config
 
     import bark.config
 
     monkeypatch.setattr(cli, "_hub_cached", lambda repo_id: False)
     monkeypatch.setattr(bark.config, "bark_small_config", tiny_random_bark_config)
+    stage_line = re.compile(r"\w+ +\d+/\d+ \w+ +[\d.]+ s")
+    lines = tmp_path / "lines.txt"
+    lines.write_text("x" * 300 + "\n")
     out = tmp_path / "noise.wav"
-    rc = cli.speak_main(["x" * 300, "-o", str(out), "--device", "cpu", "--semantic-max-new-tokens", "6"])
+    rc = cli.speak_main(["--batch-file", str(lines), "-o", str(out), "--device", "cpu",
+                         "--semantic-max-new-tokens", "6"])
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "\r" not in err
-    assert "300 UTF-8 bytes; the built-in random model reads the first 256" in err
-    stages = [line.split()[0] for line in err.splitlines() if re.match(r"\w+ +\d+/\d+ \w+ +[\d.]+ s", line)]
+    assert "line 1 of --batch-file: 300 UTF-8 bytes; the built-in random model reads the first 256" in err
+    stages = [line.split()[0] for line in err.splitlines() if stage_line.match(line)]
     assert stages == ["semantic", "coarse", "fine", "codec"], err
+    assert out.stat().st_size > 44
+
+    rc = cli.speak_main(["x" * 300, "-o", str(out), "--device", "cpu", "--semantic-max-new-tokens", "6"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "\r" not in captured.err and "reads the first 256" not in captured.err
+    assert "a single word of 300 tokens is longer than max_tokens=256" in caplog.text
+    assert "300 characters in 2 pieces" in captured.out
+    stages = [line.split()[0] for line in captured.err.splitlines() if stage_line.match(line)]
+    assert stages == ["semantic", "coarse", "fine", "codec"] * 2, captured.err  # two pieces, one batch each
     assert out.stat().st_size > 44

@@ -1,0 +1,331 @@
+"""``bark-kernels speak`` for a text of any length (the argument or ``--text-file``): one recording, piece by piece.
+
+    bark-kernels speak --text-file story.txt -o story.wav [--voice PRESET|FILE.npz] [--batch-size 8]
+        [--continuity preset|previous] [--pause 0.25] [--max-piece-tokens 256] [--wav-per-piece]
+        [--save-voice me.npz] [--offload] [every speak option]
+
+The text is split into sentences (and overlong sentences into clauses), generated ``--batch-size`` pieces at a time
+(bark.longform) and written as it arrives: the WAV grows after each finished piece and is a complete, playable file
+at every moment, so an interrupted run (Ctrl-C, a crash, a kill) keeps every piece finished before it. A progress bar
+counts pieces; the summary gives each stage's time and the real-time factor of the whole text. ``--batch-file``
+(one WAV per line) is bark.cli's path and takes none of these options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+__all__ = ["add_longform_arguments", "wanted", "run"]
+
+LONGFORM_ONLY = ("text_file", "pause", "continuity", "max_piece_tokens", "wav_per_piece", "save_voice", "offload")
+DEFAULT_CONTINUITY = "preset"
+
+
+def _seconds_at_least_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
+def _piece_tokens(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, 256], got {text!r}") from None
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, 256] (Bark reads at most 256 text tokens), "
+                                         f"got {value}")
+    return value
+
+
+def add_longform_arguments(parser: argparse.ArgumentParser) -> None:
+    """The long-form options of ``speak`` (defaults None: the run tells given from default)."""
+    from .longform import CONTINUITY, DEFAULT_PAUSE
+
+    group = parser.add_argument_group("long text (the text argument or --text-file; not with --batch-file); "
+                                      "--batch-size pieces are generated together")
+    group.add_argument("--text-file", default=None,
+                       help="UTF-8 text file spoken as one text of any length (instead of the text argument)")
+    group.add_argument("--pause", type=_seconds_at_least_zero, default=None,
+                       help=f"seconds of silence between pieces (default: {DEFAULT_PAUSE})")
+    group.add_argument("--continuity", choices=CONTINUITY, default=None,
+                       help="preset: every piece conditioned on --voice (or, without one, on the first piece's "
+                            "generation), batched; previous: each piece on the one before (suno's long-form "
+                            f"recipe), sequential (default: {DEFAULT_CONTINUITY})")
+    group.add_argument("--max-piece-tokens", type=_piece_tokens, default=None,
+                       help="longest piece in text tokens; longer sentences split at clauses, then words "
+                            "(default: 256, all Bark reads)")
+    group.add_argument("--wav-per-piece", action="store_true", default=None,
+                       help="one WAV per piece (OUT_000.wav, OUT_001.wav, ...) instead of one recording")
+    group.add_argument("--save-voice", default=None, metavar="PATH",
+                       help="save the last piece's generation as a voice prompt .npz (semantic_prompt, "
+                            "coarse_prompt, fine_prompt; suno's layout) for --voice PATH later")
+    group.add_argument("--offload", action="store_true", default=None,
+                       help="small GPUs: keep the sub-models in CPU memory, each on the GPU only for its stage "
+                            "(a no-op without CUDA)")
+
+
+def wanted(args: argparse.Namespace) -> bool:
+    """Whether this path runs (everything but --batch-file). Raises SpeakError for long-form options with
+    --batch-file."""
+    from .cli import SpeakError
+
+    if getattr(args, "batch_file", None) is None:
+        return True
+    given = [name for name in LONGFORM_ONLY if getattr(args, name, None) is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise SpeakError(f"{flags}: long-text options; --batch-file speaks each line as its own short text, so give "
+                         f"the text as an argument or with --text-file instead")
+    return False
+
+
+def _read_text(args) -> str:
+    from . import cli
+    from .cli import SpeakError
+
+    if args.text_file is None:
+        return cli._read_texts(args)[0]
+    if args.text is not None:
+        raise SpeakError("give the text either as an argument or with --text-file, not both")
+    try:
+        with open(args.text_file, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise SpeakError(f"--text-file: {args.text_file!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpeakError(f"--text-file: cannot read {args.text_file!r} as UTF-8 text: {e}") from None
+    if not text.strip():
+        raise SpeakError(f"--text-file: {args.text_file!r} is empty; give some words to speak")
+    return text
+
+
+def _check_save_voice(path: str | None) -> None:
+    from .cli import SpeakError
+
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise SpeakError(f"--save-voice: {path!r} is a directory; expected a file path such as voice.npz")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise SpeakError(f"--save-voice: the directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise SpeakError(f"--save-voice: the directory {parent!r} is not writable")
+
+
+class _Progress:
+    """A tqdm bar counting pieces (created by :meth:`start`), the current chunk's stage in its postfix. Every stage
+    event also goes to the stage monitor (bark.cli's: time and tokens per stage); ``calls`` counts generate calls."""
+
+    def __init__(self, monitor, show: bool) -> None:
+        self.monitor = monitor
+        self.show = show
+        self.bar = None
+        self.calls = 0
+
+    def start(self, total: int) -> None:
+        if self.show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="pieces", unit="piece", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, event) -> None:
+        self.monitor(event)
+        if event.stage == "codec" and event.kind == "end":
+            self.calls += 1
+        if self.bar is not None and event.kind != "end":
+            self.bar.set_postfix_str(f"{event.rows} rows: {event.stage} {event.done}/{event.total}", refresh=False)
+            self.bar.refresh()
+
+    def piece_done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run(args: argparse.Namespace) -> int:
+    """The long-text ``speak``; user errors raise bark.cli.SpeakError, Ctrl-C returns 130 after saying what the WAV
+    keeps."""
+    from . import cli
+    from .cli import SpeakError
+
+    # Everything that can be checked without the weights is checked first: a mistake costs no model load.
+    text = _read_text(args)
+    cli._check_output_path(args.output)
+    cli._check_flags(args, [args.output])
+    _check_save_voice(args.save_voice)
+    if args.save_voice is not None and os.path.realpath(args.save_voice) == os.path.realpath(args.output):
+        raise SpeakError(f"--save-voice {args.save_voice!r} is the --output path; choose another path")
+    if args.voice is not None and args.voice.endswith(".npz") and not os.path.isfile(args.voice):
+        raise SpeakError(f"--voice: {args.voice!r} does not exist")
+
+    import torch
+
+    from bark_kernels import BackendUnavailableError
+
+    from .longform import DEFAULT_PAUSE, ByteTextEncoder, stream
+    from .offload import offload_reason
+    from .voice import save_voice
+
+    device, dtype = cli._resolve_device_and_dtype(args)
+    plan = cli._plan(args, [], device, dtype)  # no 256-byte warning: the text is split into pieces Bark reads whole
+    threads_note = cli._set_threads(args.threads, device)
+    offload_note = None
+    load_device = device
+    if args.offload:
+        offload_note = offload_reason(None, device)
+        if offload_note is None:
+            load_device = torch.device("cpu")  # the weights live in CPU memory; each stage borrows the GPU
+            offload_note = f"offload: sub-models wait in CPU memory and move to {device} for their stage only"
+
+    t0 = time.perf_counter()
+    loaded = cli._load_model(args, plan, load_device, dtype)
+    model = loaded.model
+    load_s = time.perf_counter() - t0
+    history_prompt = plan.history_prompt
+    encoder = plan.processor if plan.processor is not None else ByteTextEncoder()
+
+    gen_kwargs: dict = {"do_sample": not args.greedy}
+    if args.temperature is not None:
+        gen_kwargs["semantic_temperature"] = args.temperature
+        gen_kwargs["coarse_temperature"] = args.temperature
+    max_new = plan.max_new_tokens
+    if max_new is not None:
+        gen_kwargs["semantic_max_new_tokens"] = max_new
+    semantic_total = max_new if max_new is not None else model.generation_config.semantic_config.max_new_tokens
+    sample_rate = int(model.sampling_rate)
+    pause = DEFAULT_PAUSE if args.pause is None else args.pause
+    continuity = args.continuity or DEFAULT_CONTINUITY
+    offload = device if (args.offload and load_device != device) else False
+
+    # On a terminal a bar counts pieces (the stage in its postfix); in a log, one line per stage, never \r updates.
+    terminal = cli._Monitor(show=True)._terminal()
+    monitor = cli._Monitor(show=not args.quiet and not terminal)
+    progress = _Progress(monitor, show=not args.quiet and terminal)
+    try:
+        pieces = stream(model, text, processor=encoder, voice=history_prompt, continuity=continuity,
+                        batch_size=args.batch_size, max_tokens=args.max_piece_tokens, seed=args.seed,
+                        offload=offload, callback=progress, **gen_kwargs)
+    except (ValueError, TypeError) as e:
+        raise SpeakError(str(e)) from None
+    n_pieces = len(pieces)
+    outputs = cli._output_paths(args.output, n_pieces) if args.wav_per_piece else [args.output]
+    for path in outputs:
+        cli._check_output_path(path)
+
+    print(f"model:  {loaded.source}  [{device}, {str(dtype).replace('torch.', '')}, attn={args.attn}]", flush=True)
+    if loaded.random:
+        print(f"NOTE: this model is randomly initialised, so the audio is NOISE, not speech; text is encoded as bytes "
+              f"(no tokenizer) and semantic_max_new_tokens defaults to {cli.RANDOM_MODEL_SEMANTIC_MAX_NEW_TOKENS} to "
+              f"keep the run short. Pass --model suno/bark-small (downloaded once) for real speech.", flush=True)
+    for note in (threads_note, offload_note):
+        if note:
+            print(note, flush=True)
+    mode = "greedy" if args.greedy else f"sampling (seed {args.seed})"
+    print(f"text:   {len(text)} characters in {n_pieces} piece{'s' * (n_pieces != 1)} (continuity {continuity}, "
+          f"batch size {args.batch_size}, pause {pause:g} s)", flush=True)
+    print(f"decoding: {mode}  semantic_max_new_tokens: {semantic_total}", flush=True)
+
+    progress.start(n_pieces)
+    from .cli import write_wav_atomic
+    from .wav import WavAppender
+
+    appender = None if args.wav_per_piece else WavAppender(args.output, sample_rate)
+    finished = []  # the pieces written so far
+    written_files = []
+    gen_s = 0.0
+    try:
+        while True:
+            t1 = time.perf_counter()
+            try:
+                piece = next(pieces)
+            except StopIteration:
+                break
+            except (ValueError, TypeError, BackendUnavailableError) as e:
+                kept = (f"; {args.output} keeps the {len(finished)} finished piece(s)"
+                        if finished and appender is not None else "")
+                raise SpeakError(f"generation failed: {e}{kept}") from None
+            gen_s += time.perf_counter() - t1
+            if appender is not None:
+                appender.append(piece.audio, pause=pause)
+            else:
+                path = outputs[piece.index]
+                write_wav_atomic(path, piece.audio, sample_rate)
+                written_files.append((path, piece.audio.shape[0]))
+            finished.append(piece)
+            progress.piece_done()
+    except KeyboardInterrupt:
+        progress.close()
+        pieces.close()
+        if appender is not None:
+            appender.close()
+        if not finished:
+            print("bark-kernels speak: interrupted before the first piece was finished; no WAV written",
+                  file=sys.stderr)
+        elif appender is not None:
+            print(f"bark-kernels speak: interrupted; {args.output} is a complete WAV of the {len(finished)} finished "
+                  f"piece(s) of {n_pieces} ({appender.samples / sample_rate:.2f} s)", file=sys.stderr)
+        else:
+            print(f"bark-kernels speak: interrupted; the WAVs of the {len(finished)} finished piece(s) of {n_pieces} "
+                  f"are written", file=sys.stderr)
+        return 130
+    finally:
+        progress.close()
+        pieces.close()
+        if appender is not None:
+            appender.close()
+
+    voice_path = None
+    if args.save_voice is not None:
+        usable = [p for p in finished if p.semantic.shape[0] > 0 and p.fine.shape[1] > 0]
+        if not usable:
+            raise SpeakError("--save-voice: no piece produced any audio, so there is no voice to save")
+        voice_path = save_voice(args.save_voice, usable[-1])
+        voice_piece = usable[-1].index
+
+    speech_s = sum(p.duration for p in finished)
+    file_samples = appender.samples if appender is not None else sum(n for _, n in written_files)
+    hop = getattr(model.codec_model, "hop_length", 320)
+    frames = sum(p.audio.shape[0] for p in finished) // hop
+    n_coarse = model.generation_config.coarse_acoustics_config.n_coarse_codebooks
+    n_fine = model.generation_config.fine_acoustics_config.n_fine_codebooks
+    stats = monitor.stats
+    stats["fine"].tokens = frames * (n_fine - n_coarse)
+    stats["codec"].tokens = frames
+    print("summary:")
+    print(f"  load        {load_s:8.2f} s")
+    for stage, what in (("semantic", "tokens"), ("coarse", "tokens"), ("fine", "codes"), ("codec", "frames")):
+        st = stats[stage]
+        if not st.ran:
+            print(f"  {stage:<11} (did not run)")
+            continue
+        rate = st.tokens / st.seconds if st.seconds > 0 else float("inf")
+        print(f"  {stage:<11} {st.seconds:8.2f} s  {st.tokens:7d} {what:<6} {rate:9.1f} {what}/s")
+    rtf = gen_s / speech_s if speech_s > 0 else float("inf")
+    print(f"  pieces      {n_pieces} in {progress.calls} generate call(s) of up to {args.batch_size} rows")
+    print(f"  generate    {gen_s:8.2f} s  for {speech_s:.2f} s of speech: real-time factor {rtf:.2f} "
+          f"({'faster' if rtf < 1 else 'slower'} than real time)")
+    print(f"  attention   {cli._backend_report(model, device, dtype)}")
+    noise = "  [random model: noise]" if loaded.random else ""
+    if appender is not None:
+        print(f"wrote {args.output}  ({file_samples} samples, {file_samples / sample_rate:.2f} s with "
+              f"{pause:g} s pauses, {n_pieces} pieces, {sample_rate} Hz, 16-bit mono){noise}")
+    else:
+        for path, n in written_files:
+            print(f"wrote {path}  ({n} samples, {n / sample_rate:.2f} s, {sample_rate} Hz, 16-bit mono){noise}")
+    if voice_path is not None:
+        print(f"saved voice {voice_path}  (piece {voice_piece + 1} of {n_pieces}: semantic_prompt, coarse_prompt, "
+              f"fine_prompt; use it with --voice {voice_path})")
+    return 0
