@@ -18,6 +18,18 @@ import os
 import sys
 import time
 
+import torch
+
+from bark_kernels import BackendUnavailableError
+
+from . import cli_setup as setup
+from .cli_progress import StageMonitor, backend_report, print_stage_summary
+from .cli_setup import SpeakError
+from .longform import CONTINUITY, DEFAULT_PAUSE, ByteTextEncoder, stream
+from .offload import offload_reason
+from .voice import save_voice
+from .wav import WavAppender, write_wav_atomic
+
 __all__ = ["add_longform_arguments", "wanted", "run"]
 
 LONGFORM_ONLY = ("text_file", "pause", "continuity", "max_piece_tokens", "wav_per_piece", "save_voice", "offload")
@@ -34,21 +46,11 @@ def _seconds_at_least_zero(text: str) -> float:
     return value
 
 
-def _piece_tokens(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [1, 256], got {text!r}") from None
-    if not 1 <= value <= 256:
-        raise argparse.ArgumentTypeError(f"expected an integer in [1, 256] (Bark reads at most 256 text tokens), "
-                                         f"got {value}")
-    return value
+_piece_tokens = setup.int_at_least(1, "an integer in [1, 256] (Bark reads at most 256 text tokens)", 256)
 
 
 def add_longform_arguments(parser: argparse.ArgumentParser) -> None:
     """The long-form options of ``speak`` (defaults None: the run tells given from default)."""
-    from .longform import CONTINUITY, DEFAULT_PAUSE
-
     group = parser.add_argument_group("long text (the text argument or --text-file; not with --batch-file); "
                                       "--batch-size pieces are generated together")
     group.add_argument("--text-file", default=None,
@@ -75,8 +77,6 @@ def add_longform_arguments(parser: argparse.ArgumentParser) -> None:
 def wanted(args: argparse.Namespace) -> bool:
     """Whether this path runs (everything but --batch-file). Raises SpeakError for long-form options with
     --batch-file."""
-    from .cli import SpeakError
-
     if getattr(args, "batch_file", None) is None:
         return True
     given = [name for name in LONGFORM_ONLY if getattr(args, name, None) is not None]
@@ -88,11 +88,8 @@ def wanted(args: argparse.Namespace) -> bool:
 
 
 def _read_text(args) -> str:
-    from . import cli
-    from .cli import SpeakError
-
     if args.text_file is None:
-        return cli._read_texts(args)[0]
+        return setup.read_texts(args)[0]
     if args.text is not None:
         raise SpeakError("give the text either as an argument or with --text-file, not both")
     try:
@@ -108,8 +105,6 @@ def _read_text(args) -> str:
 
 
 def _check_save_voice(path: str | None) -> None:
-    from .cli import SpeakError
-
     if path is None:
         return
     if os.path.isdir(path):
@@ -156,32 +151,21 @@ class _Progress:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The long-text ``speak``; user errors raise bark.cli.SpeakError, Ctrl-C returns 130 after saying what the WAV
+    """The long-text ``speak``; user errors raise bark.cli_setup.SpeakError, Ctrl-C returns 130 after saying what the WAV
     keeps."""
-    from . import cli
-    from .cli import SpeakError
-
     # Everything that can be checked without the weights is checked first: a mistake costs no model load.
     text = _read_text(args)
-    cli._check_output_path(args.output)
-    cli._check_flags(args, [args.output])
+    setup.check_output_path(args.output)
+    setup.check_flags(args, [args.output])
     _check_save_voice(args.save_voice)
     if args.save_voice is not None and os.path.realpath(args.save_voice) == os.path.realpath(args.output):
         raise SpeakError(f"--save-voice {args.save_voice!r} is the --output path; choose another path")
     if args.voice is not None and args.voice.endswith(".npz") and not os.path.isfile(args.voice):
         raise SpeakError(f"--voice: {args.voice!r} does not exist")
 
-    import torch
-
-    from bark_kernels import BackendUnavailableError
-
-    from .longform import DEFAULT_PAUSE, ByteTextEncoder, stream
-    from .offload import offload_reason
-    from .voice import save_voice
-
-    device, dtype = cli._resolve_device_and_dtype(args)
-    plan = cli._plan(args, [], device, dtype)  # no 256-byte warning: the text is split into pieces Bark reads whole
-    threads_note = cli._set_threads(args.threads, device)
+    device, dtype = setup.resolve_device_and_dtype(args)
+    plan = setup.plan(args, [], device, dtype)  # no 256-byte warning: the text is split into pieces Bark reads whole
+    threads_note = setup.set_threads(args.threads, device)
     offload_note = None
     load_device = device
     if args.offload:
@@ -191,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
             offload_note = f"offload: sub-models wait in CPU memory and move to {device} for their stage only"
 
     t0 = time.perf_counter()
-    loaded = cli._load_model(args, plan, load_device, dtype)
+    loaded = setup.load_model(args, plan, load_device, dtype)
     model = loaded.model
     load_s = time.perf_counter() - t0
     history_prompt = plan.history_prompt
@@ -211,8 +195,8 @@ def run(args: argparse.Namespace) -> int:
     offload = device if (args.offload and load_device != device) else False
 
     # On a terminal a bar counts pieces (the stage in its postfix); in a log, one line per stage, never \r updates.
-    terminal = cli._Monitor(show=True)._terminal()
-    monitor = cli._Monitor(show=not args.quiet and not terminal)
+    terminal = StageMonitor(show=True)._terminal()
+    monitor = StageMonitor(show=not args.quiet and not terminal)
     progress = _Progress(monitor, show=not args.quiet and terminal)
     try:
         pieces = stream(model, text, processor=encoder, voice=history_prompt, continuity=continuity,
@@ -221,14 +205,14 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         raise SpeakError(str(e)) from None
     n_pieces = len(pieces)
-    outputs = cli._output_paths(args.output, n_pieces) if args.wav_per_piece else [args.output]
+    outputs = setup.output_paths(args.output, n_pieces) if args.wav_per_piece else [args.output]
     for path in outputs:
-        cli._check_output_path(path)
+        setup.check_output_path(path)
 
     print(f"model:  {loaded.source}  [{device}, {str(dtype).replace('torch.', '')}, attn={args.attn}]", flush=True)
     if loaded.random:
         print(f"NOTE: this model is randomly initialised, so the audio is NOISE, not speech; text is encoded as bytes "
-              f"(no tokenizer) and semantic_max_new_tokens defaults to {cli.RANDOM_MODEL_SEMANTIC_MAX_NEW_TOKENS} to "
+              f"(no tokenizer) and semantic_max_new_tokens defaults to {setup.RANDOM_MODEL_SEMANTIC_MAX_NEW_TOKENS} to "
               f"keep the run short. Pass --model suno/bark-small (downloaded once) for real speech.", flush=True)
     for note in (threads_note, offload_note):
         if note:
@@ -239,9 +223,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"decoding: {mode}  semantic_max_new_tokens: {semantic_total}", flush=True)
 
     progress.start(n_pieces)
-    from .cli import write_wav_atomic
-    from .wav import WavAppender
-
     appender = None if args.wav_per_piece else WavAppender(args.output, sample_rate)
     finished = []  # the pieces written so far
     written_files = []
@@ -299,25 +280,12 @@ def run(args: argparse.Namespace) -> int:
     file_samples = appender.samples if appender is not None else sum(n for _, n in written_files)
     hop = getattr(model.codec_model, "hop_length", 320)
     frames = sum(p.audio.shape[0] for p in finished) // hop
-    n_coarse = model.generation_config.coarse_acoustics_config.n_coarse_codebooks
-    n_fine = model.generation_config.fine_acoustics_config.n_fine_codebooks
-    stats = monitor.stats
-    stats["fine"].tokens = frames * (n_fine - n_coarse)
-    stats["codec"].tokens = frames
-    print("summary:")
-    print(f"  load        {load_s:8.2f} s")
-    for stage, what in (("semantic", "tokens"), ("coarse", "tokens"), ("fine", "codes"), ("codec", "frames")):
-        st = stats[stage]
-        if not st.ran:
-            print(f"  {stage:<11} (did not run)")
-            continue
-        rate = st.tokens / st.seconds if st.seconds > 0 else float("inf")
-        print(f"  {stage:<11} {st.seconds:8.2f} s  {st.tokens:7d} {what:<6} {rate:9.1f} {what}/s")
+    print_stage_summary(monitor, model, frames, load_s)
     rtf = gen_s / speech_s if speech_s > 0 else float("inf")
     print(f"  pieces      {n_pieces} in {progress.calls} generate call(s) of up to {args.batch_size} rows")
     print(f"  generate    {gen_s:8.2f} s  for {speech_s:.2f} s of speech: real-time factor {rtf:.2f} "
           f"({'faster' if rtf < 1 else 'slower'} than real time)")
-    print(f"  attention   {cli._backend_report(model, device, dtype)}")
+    print(f"  attention   {backend_report(model, device, dtype)}")
     noise = "  [random model: noise]" if loaded.random else ""
     if appender is not None:
         print(f"wrote {args.output}  ({file_samples} samples, {file_samples / sample_rate:.2f} s with "

@@ -23,9 +23,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .codec import EncodecDecoderConfig
-
 __all__ = [
+    "EncodecDecoderConfig",
     "BarkSubModelConfig",
     "BarkSemanticConfig",
     "BarkCoarseConfig",
@@ -50,6 +49,114 @@ ATTN_IMPLEMENTATIONS: dict[str, str | None] = {
     "sdpa": "sdpa",
     "eager": "eager",
 }
+
+
+@dataclass
+class EncodecDecoderConfig:
+    """The fields of Hugging Face's ``EncodecConfig`` (``codec_config`` in Bark's config.json) the decoder uses.
+
+    Defaults are those of ``facebook/encodec_24khz``. Build from the checkpoint's dict with :meth:`from_dict`
+    (unknown keys such as ``model_type`` or ``transformers_version`` are ignored).
+    """
+
+    sampling_rate: int = 24_000
+    audio_channels: int = 1
+    hidden_size: int = 128
+    num_filters: int = 32
+    num_residual_layers: int = 1
+    upsampling_ratios: tuple[int, ...] = (8, 5, 4, 2)
+    norm_type: str = "weight_norm"
+    kernel_size: int = 7
+    last_kernel_size: int = 7
+    residual_kernel_size: int = 3
+    dilation_growth_rate: int = 2
+    use_causal_conv: bool = True
+    pad_mode: str = "reflect"
+    compress: int = 2
+    num_lstm_layers: int = 2
+    trim_right_ratio: float = 1.0
+    codebook_size: int = 1024
+    codebook_dim: int | None = None
+    use_conv_shortcut: bool = True
+    target_bandwidths: tuple[float, ...] = (1.5, 3.0, 6.0, 12.0, 24.0)
+    # Not part of HF's config; derived from target_bandwidths when None (32 for encodec_24khz).
+    num_quantizers: int | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        self.upsampling_ratios = tuple(int(r) for r in self.upsampling_ratios)
+        self.target_bandwidths = tuple(float(b) for b in self.target_bandwidths)
+        if self.codebook_dim is None:
+            self.codebook_dim = self.hidden_size
+        if self.norm_type not in ("weight_norm", "time_group_norm"):
+            raise ValueError(
+                f"codec_config.norm_type: expected 'weight_norm' or 'time_group_norm', got {self.norm_type!r}"
+            )
+        if self.pad_mode not in ("reflect", "constant", "replicate", "circular"):
+            raise ValueError(
+                f"codec_config.pad_mode: expected one of reflect/constant/replicate/circular, got {self.pad_mode!r}"
+            )
+        if not self.use_causal_conv and self.trim_right_ratio != 1.0:
+            raise ValueError(
+                "codec_config.trim_right_ratio: values != 1.0 only make sense with use_causal_conv=True, "
+                f"got trim_right_ratio={self.trim_right_ratio} with use_causal_conv=False"
+            )
+        if len(self.upsampling_ratios) == 0 or any(r < 1 for r in self.upsampling_ratios):
+            raise ValueError(
+                f"codec_config.upsampling_ratios: expected a non-empty list of positive ints, "
+                f"got {self.upsampling_ratios}"
+            )
+        if self.codebook_size < 1:
+            raise ValueError(f"codec_config.codebook_size: expected a positive int, got {self.codebook_size}")
+        if self.codebook_dim != self.hidden_size:
+            # HF's quantizer output feeds the decoder's first conv, whose input width is hidden_size.
+            raise ValueError(
+                f"codec_config.codebook_dim: expected it to equal hidden_size ({self.hidden_size}), "
+                f"got {self.codebook_dim}"
+            )
+        if self.num_quantizers is None:
+            self.num_quantizers = self._num_quantizers_from_bandwidth()
+        if self.num_quantizers < 1:
+            raise ValueError(
+                f"codec_config: the number of quantizers must be >= 1, got {self.num_quantizers} "
+                f"(from target_bandwidths={self.target_bandwidths})"
+            )
+
+    @property
+    def hop_length(self) -> int:
+        """Audio samples per code frame (320 for encodec_24khz)."""
+        return math.prod(self.upsampling_ratios)
+
+    @property
+    def frame_rate(self) -> int:
+        return math.ceil(self.sampling_rate / self.hop_length)
+
+    def _num_quantizers_from_bandwidth(self) -> int:
+        # Same formula as HF's EncodecConfig.num_quantizers.
+        nbits = math.ceil(math.log2(self.codebook_size))
+        return int(1000 * self.target_bandwidths[-1] // (self.frame_rate * nbits))
+
+    @classmethod
+    def from_dict(cls, config: Mapping | EncodecDecoderConfig | object) -> EncodecDecoderConfig:
+        """Build from HF's codec_config dict (or an object with the same attributes, e.g. an EncodecConfig)."""
+        if isinstance(config, EncodecDecoderConfig):
+            return config
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "num_quantizers"]
+        if isinstance(config, Mapping):
+            kwargs = {k: config[k] for k in names if k in config and config[k] is not None}
+        else:
+            kwargs = {k: getattr(config, k) for k in names if getattr(config, k, None) is not None}
+        if not isinstance(config, Mapping) and not kwargs:
+            raise TypeError(
+                f"codec_config: expected a dict, an EncodecDecoderConfig or an EncodecConfig-like object, "
+                f"got {type(config).__name__}"
+            )
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["upsampling_ratios"] = list(self.upsampling_ratios)
+        d["target_bandwidths"] = list(self.target_bandwidths)
+        return d
 
 
 def attn_backend_name(attn_implementation: str | None) -> str | None:

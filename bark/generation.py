@@ -818,19 +818,17 @@ def _decode_audio(model, fine_codes: list[torch.Tensor]) -> tuple[torch.Tensor, 
     codec = model.codec_model
     frames = [c.shape[1] for c in fine_codes]
     hop = codec.hop_length
-    dtype = codec.quantizer.layers[0].codebook.embed.dtype
-    batch = len(fine_codes)
-    if batch and len(set(frames)) == 1 and frames[0] > 0:
-        audio = codec.decode(torch.stack(fine_codes), check_values=False)[:, 0]  # (B, T * hop)
-        return audio, [audio.shape[1]] * batch
-    pieces = [codec.decode(c[None], check_values=False)[0, 0] if c.shape[1] > 0
-              else torch.zeros(0, dtype=dtype, device=c.device) for c in fine_codes]
+    pieces = [p[0] for p in codec.decode_each(fine_codes, check_values=False)]  # each (frames_b * hop,)
     lengths = [p.shape[0] for p in pieces]
-    audio = torch.zeros(batch, max(lengths, default=0), dtype=dtype, device=model.device)
-    for b, p in enumerate(pieces):
-        audio[b, : p.shape[0]] = p
     if any(n != f * hop for n, f in zip(lengths, frames, strict=True)):
         raise RuntimeError(f"codec: decoded lengths {lengths} are not frames x hop ({frames} x {hop})")
+    if not pieces:
+        return torch.zeros(0, 0, dtype=codec.quantizer.layers[0].codebook.embed.dtype, device=model.device), lengths
+    if len(set(lengths)) == 1:
+        return torch.stack(pieces), lengths  # (B, T * hop)
+    audio = pieces[0].new_zeros(len(pieces), max(lengths))
+    for b, p in enumerate(pieces):
+        audio[b, : p.shape[0]] = p
     return audio, lengths
 
 

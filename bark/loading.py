@@ -1,4 +1,5 @@
-"""Hugging Face Bark checkpoint -> ``bark.BarkModel``.
+"""Hugging Face Bark checkpoint files -> a config and checked tensors (``bark.BarkModel.from_pretrained`` builds the
+model from them; this module knows nothing of modules beyond the codec's weight-norm folding).
 
 A checkpoint is a directory (or a Hugging Face repo id, resolved through the local cache first and downloaded with
 huggingface_hub only when online) holding:
@@ -19,16 +20,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 
+from .codec import load_codec_state_dict
 from .config import BarkConfig
+from .hub import Source, hub_unreachable_reason, resolve_checkpoint
 
-__all__ = ["load_bark_model", "load_checkpoint", "load_config", "resolve_checkpoint", "read_state_dict",
-           "hub_unreachable_reason", "CheckpointError"]
+__all__ = ["load_checkpoint", "load_config", "resolve_checkpoint", "read_state_dict",
+           "hub_unreachable_reason", "CheckpointError", "parse_dtype", "list_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,6 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 SUBMODELS = ("semantic", "coarse_acoustics", "fine_acoustics")
 CODEC_PREFIX = "codec_model."
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _MASK_BUFFER = re.compile(r"(semantic|coarse_acoustics)\.layers\.\d+\.attn\.bias")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -48,124 +49,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the key."""
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# locating files
-
-
-class _Source:
-    """Where checkpoint files come from: a local directory or a hub repo (cache first)."""
-
-    def __init__(self, name: str, find: Callable[[str], str | None], where: str, hint: str = "") -> None:
-        self.name = name
-        self.find = find  # filename -> local path or None when the checkpoint has no such file
-        self.where = where
-        self.hint = hint  # appended to "file is missing" errors
-
-
-def _local_source(path: str) -> _Source:
-    def find(filename: str) -> str | None:
-        full = os.path.join(path, filename)
-        return full if os.path.isfile(full) else None
-
-    return _Source(path, find, f"directory {path}")
-
-
-HUB_PROBE_TIMEOUT_S = 5.0
-
-
-def hub_unreachable_reason(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
-    """None when the Hugging Face Hub endpoint answers (any HTTP status), else why not, in one line.
-
-    One request with a short timeout and no retries, through huggingface_hub's own HTTP client (its proxy and
-    certificate settings): without it, a download from an unreachable Hub retries for ~25 s and then reports the file
-    as missing from the cache."""
-    try:
-        from huggingface_hub import constants
-        from huggingface_hub.utils import get_session
-    except ImportError:  # pragma: no cover - an old huggingface_hub: let the download itself fail
-        return None
-    endpoint = constants.ENDPOINT
-    try:
-        get_session().head(endpoint, timeout=timeout)
-    except Exception as error:  # connection refused, DNS failure, timeout, proxy error...
-        text = " ".join(str(error).split()) or "no answer"
-        return f"{endpoint} cannot be reached ({type(error).__name__}: {text})"
-    return None
-
-
-def _hub_source(repo_id: str, revision: str | None = None) -> _Source:
-    try:
-        import huggingface_hub
-        from huggingface_hub import constants, try_to_load_from_cache
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-        from huggingface_hub.file_download import _CACHED_NO_EXIST
-    except ImportError as error:
-        raise FileNotFoundError(
-            f"{repo_id!r} is not a local directory, and huggingface_hub (needed to resolve a repo id) is not "
-            f"installed ({error}); pass the path of a checkpoint directory or `pip install huggingface_hub`"
-        ) from None
-
-    offline = bool(constants.HF_HUB_OFFLINE)
-    todo = (f"On a machine with internet run `hf download {repo_id}` (then copy the cache, or point HF_HOME at it), "
-            f"or pass the path of a local checkpoint directory.")
-    probed: list[str | None] = []  # the Hub is probed once per source, before its first download
-
-    def unreachable(filename: str, why: str) -> ConnectionError:
-        return ConnectionError(f"{repo_id!r} is not a local directory and {filename} is not in the Hugging Face "
-                               f"cache ({constants.HF_HUB_CACHE}); the Hugging Face Hub is unreachable: {why}. {todo}")
-
-    def find(filename: str) -> str | None:
-        cached = try_to_load_from_cache(repo_id, filename, revision=revision)
-        if isinstance(cached, str):
-            return cached
-        if cached is _CACHED_NO_EXIST:
-            return None
-        if offline:
-            return None
-        if not probed:
-            probed.append(hub_unreachable_reason())
-        if probed[0] is not None:
-            raise unreachable(filename, probed[0])
-        try:
-            return huggingface_hub.hf_hub_download(repo_id, filename, revision=revision)
-        except LocalEntryNotFoundError as error:  # a subclass of EntryNotFoundError: the network, not the file
-            raise unreachable(filename, " ".join(str(error).split())) from None
-        except EntryNotFoundError:
-            return None
-        except Exception as error:  # unknown repo, gated, server error...
-            text = " ".join(str(error).split())
-            raise FileNotFoundError(
-                f"{repo_id!r} is not a local directory and {filename} is not in the Hugging Face cache "
-                f"({constants.HF_HUB_CACHE}); downloading it failed: {type(error).__name__}: {text}. {todo}"
-            ) from None
-
-    where = f"Hugging Face repo {repo_id} (cache {constants.HF_HUB_CACHE}{', offline' if offline else ''})"
-    hint = ""
-    if offline:
-        hint = (f"; it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so nothing can be "
-                f"downloaded: on a machine with internet run `hf download {repo_id}` and copy the cache here (or point "
-                f"HF_HOME at it), unset HF_HUB_OFFLINE to download, or pass the path of a local checkpoint directory")
-    return _Source(repo_id, find, where, hint)
-
-
-def resolve_checkpoint(path_or_repo_id, revision: str | None = None) -> _Source:
-    if isinstance(path_or_repo_id, os.PathLike):
-        path_or_repo_id = os.fspath(path_or_repo_id)
-    if not isinstance(path_or_repo_id, str) or not path_or_repo_id:
-        raise TypeError(f"path_or_repo_id: expected a directory path or a Hugging Face repo id (str), "
-                        f"got {path_or_repo_id!r}")
-    if os.path.isdir(path_or_repo_id):
-        return _local_source(path_or_repo_id)
-    if os.path.exists(path_or_repo_id):
-        raise FileNotFoundError(f"path_or_repo_id: {path_or_repo_id} is a file; expected a checkpoint directory "
-                                f"holding {CONFIG_NAME} and the weights")
-    if not _REPO_ID.fullmatch(path_or_repo_id):
-        raise FileNotFoundError(f"path_or_repo_id: directory {path_or_repo_id} does not exist (and it is not a "
-                                f"Hugging Face repo id of the form 'owner/name')")
-    return _hub_source(path_or_repo_id, revision)
-
-
-def _read_json(source: _Source, filename: str, required: bool) -> dict | None:
+def _read_json(source: Source, filename: str, required: bool) -> dict | None:
     path = source.find(filename)
     if path is None:
         if required:
@@ -207,7 +91,7 @@ def _read_weight_file(path: str) -> dict[str, torch.Tensor]:
     return dict(tensors)
 
 
-def read_state_dict(source: _Source) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_state_dict(source: Source) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of the checkpoint and, for error messages, the file each key came from."""
     for filename in WEIGHT_FILES:
         path = source.find(filename)
@@ -241,7 +125,7 @@ def read_state_dict(source: _Source) -> tuple[dict[str, torch.Tensor], dict[str,
 # into the model
 
 
-def _parse_dtype(dtype) -> torch.dtype:
+def parse_dtype(dtype) -> torch.dtype:
     if dtype is None or dtype == "auto":
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -253,7 +137,7 @@ def _parse_dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype: expected a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
-def _list(keys, limit: int = 8) -> str:
+def list_keys(keys, limit: int = 8) -> str:
     keys = list(keys)
     head = ", ".join(repr(k) for k in keys[:limit])
     return head + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
@@ -270,8 +154,6 @@ def _check_finite(value: torch.Tensor, key: str, where: str) -> None:
 
 def load_state_dict_into(model, tensors: Mapping[str, torch.Tensor], origin: Mapping[str, str]) -> list[str]:
     """Copy a full Bark checkpoint state dict into ``model`` (strict); returns the keys ignored by design."""
-    from .codec import load_codec_state_dict
-
     def file_of(key: str) -> str:
         return origin.get(key, "the checkpoint")
 
@@ -299,9 +181,9 @@ def load_state_dict_into(model, tensors: Mapping[str, torch.Tensor], origin: Map
     missing = [k for k in wanted if k not in tensors]
     if missing:
         files = sorted({file_of(k) for k in tensors} or {"the checkpoint"})
-        raise CheckpointError(f"{', '.join(files)}: missing key(s) {_list(missing)}")
+        raise CheckpointError(f"{', '.join(files)}: missing key(s) {list_keys(missing)}")
     if unexpected:
-        raise CheckpointError(f"{file_of(unexpected[0])}: unexpected key(s) {_list(unexpected)}")
+        raise CheckpointError(f"{file_of(unexpected[0])}: unexpected key(s) {list_keys(unexpected)}")
     for key, target in wanted.items():
         got = tensors[key]
         if tuple(got.shape) != tuple(target.shape):
@@ -327,7 +209,7 @@ def load_state_dict_into(model, tensors: Mapping[str, torch.Tensor], origin: Map
     return ignored
 
 
-def _read_config(source: _Source) -> BarkConfig:
+def _read_config(source: Source) -> BarkConfig:
     config_dict = _read_json(source, CONFIG_NAME, required=True)
     for name in ("semantic_config", "coarse_acoustics_config", "fine_acoustics_config", "codec_config"):
         if not isinstance(config_dict.get(name), dict):
@@ -356,35 +238,3 @@ def load_checkpoint(path_or_repo_id, revision: str | None = None):
     config = _read_config(source)
     tensors, origin = read_state_dict(source)
     return config, tensors, origin
-
-
-def load_bark_model(path_or_repo_id, attn_implementation: str = "auto", dtype=None, device=None,
-                    revision: str | None = None):
-    """Build a ``BarkModel`` from a checkpoint directory or repo id, on ``device`` in ``dtype`` (default fp32).
-
-    Every argument is checked before a file is read (device: cpu, cuda or cuda:N, present), and every weight is
-    checked as it is read (names, shapes, dtypes, finite values)."""
-    from bark_kernels.devices import parse_device
-
-    from .config import attn_backend_name
-    from .model import BarkModel, check_backend
-
-    target_dtype = _parse_dtype(dtype)
-    # Resolve the backend (and let bark_kernels import/self-test its backends) outside the meta-device block below.
-    check_backend(attn_backend_name(attn_implementation))
-    target_device = parse_device(device, "device") if device is not None else torch.device("cpu")
-    if revision is not None and not isinstance(revision, str):
-        raise TypeError(f"revision: expected a str (a branch, tag or commit of the Hugging Face repo) or None, "
-                        f"got {type(revision).__name__}")
-    config, tensors, origin = load_checkpoint(path_or_repo_id, revision)
-    with torch.device("meta"):
-        model = BarkModel(config, attn_implementation=attn_implementation)
-    model = model.to_empty(device=target_device)
-    model.fine_acoustics.tie_weights() if config.fine_acoustics_config.tie_word_embeddings else None
-    ignored = load_state_dict_into(model, tensors, origin)
-    if ignored:
-        logger.info("ignored %d checkpoint keys by design (mask buffers, tied heads, codec encoder): %s",
-                    len(ignored), _list(ignored, 4))
-    model = model.to(dtype=target_dtype)
-    model.eval()
-    return model

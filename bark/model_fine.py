@@ -20,7 +20,7 @@ from torch.nn import functional as F
 import bark_kernels as bk
 
 from .config import BarkFineConfig
-from .model import BarkBlock
+from .layers import BarkBlock
 
 __all__ = ["BarkFineModel"]
 

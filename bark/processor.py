@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from .hub import resolve_checkpoint
+
 __all__ = ["BarkProcessor", "VOICE_PRESET_KEYS", "load_voice_preset_npz", "validate_voice_preset"]
 
 logger = logging.getLogger(__name__)
@@ -48,66 +50,9 @@ _SPECIAL_TOKEN_DEFAULTS = {
 }
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Files: a local directory, or a Hugging Face repo id through the local cache (download only when online)
-# --------------------------------------------------------------------------------------------------------------------
-
-
 def _resolve_file(path_or_repo: str, filename: str) -> str | None:
-    """Local path of ``filename`` in a checkpoint directory or HF repo; None when the repo/dir does not have it."""
-    if os.path.isdir(path_or_repo):
-        path = os.path.join(path_or_repo, filename)
-        return path if os.path.isfile(path) else None
-    try:
-        import huggingface_hub
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise FileNotFoundError(
-            f"path_or_repo: {path_or_repo!r} is not a local directory, and huggingface_hub is not installed to "
-            f"resolve it as a Hugging Face repo id (pip install huggingface_hub)"
-        ) from e
-    cached = huggingface_hub.try_to_load_from_cache(path_or_repo, filename)
-    if isinstance(cached, str):
-        return cached
-    if cached is not None:  # the cache recorded that the repo does not have this file
-        return None
-    if huggingface_hub.constants.HF_HUB_OFFLINE:  # not cached and we may not download: treat as absent
-        return None
-    why = _hub_unreachable()
-    if why is None:
-        try:
-            return huggingface_hub.hf_hub_download(path_or_repo, filename)
-        except LocalEntryNotFoundError as e:  # not cached and the Hub could not be reached (before EntryNotFound:
-            why = " ".join(str(e).split())  # it is a subclass of it)
-        except EntryNotFoundError:  # the repo exists but does not have this file
-            return None
-        except RepositoryNotFoundError as e:
-            raise FileNotFoundError(
-                f"path_or_repo: {path_or_repo!r} is neither a local directory nor a Hugging Face repo id "
-                f"({' '.join(str(e).split())})"
-            ) from None
-    raise ConnectionError(
-        f"{filename}: could not get it for {path_or_repo!r}: not in the local Hugging Face cache, and the Hugging Face "
-        f"Hub is unreachable ({why}); pass a local checkpoint directory"
-    )
-
-
-_HUB_PROBE: dict[str, tuple[float, str | None]] = {}  # endpoint -> (time, reason): one probe per minute at most
-
-
-def _hub_unreachable() -> str | None:
-    import time
-
-    from huggingface_hub import constants
-
-    from .loading import hub_unreachable_reason
-
-    now = time.monotonic()
-    hit = _HUB_PROBE.get(constants.ENDPOINT)
-    if hit is None or now - hit[0] > 60:
-        hit = (now, hub_unreachable_reason())
-        _HUB_PROBE[constants.ENDPOINT] = hit
-    return hit[1]
+    """Local path of ``filename`` in a checkpoint directory or Hugging Face repo (bark.hub); None when it has none."""
+    return resolve_checkpoint(path_or_repo).find(filename)
 
 
 def _read_json(path: str, what: str) -> dict:

@@ -1,4 +1,5 @@
-"""A WAV file that grows piece by piece and is a complete, playable file after every piece.
+"""16-bit mono WAV output: a file written whole and moved into place (:func:`write_wav_atomic`), and a WAV file that
+grows piece by piece and is a complete, playable file after every piece (:class:`WavAppender`).
 
     with WavAppender("story.wav", 24_000) as wav:
         for piece in bark.stream(...):
@@ -16,15 +17,19 @@ non-finite -> 0, round(x * 32767)).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import struct
 import tempfile
 import threading
+import wave
 
 import numpy as np
 
-__all__ = ["WavAppender", "to_pcm16", "wav_header"]
+__all__ = ["WavAppender", "to_pcm16", "wav_header", "write_wav_atomic", "write_wav_temp"]
+
+logger = logging.getLogger(__name__)
 
 HEADER_BYTES = 44
 
@@ -42,6 +47,55 @@ def wav_header(n_samples: int, sample_rate: int) -> bytes:
     return (b"RIFF" + struct.pack("<I", 36 + data) + b"WAVE"
             + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, 2 * sample_rate, 2, 16)
             + b"data" + struct.pack("<I", data))
+
+
+def write_wav_atomic(path: str, audio, sample_rate: int = 24_000) -> int:
+    """Write mono float audio in [-1, 1] as 16-bit PCM; temp file in the same directory + os.replace.
+
+    Returns the number of samples written. Values outside [-1, 1] are clipped, non-finite values become 0.
+    """
+    tmp, n = write_wav_temp(path, audio, sample_rate)
+    try:
+        os.replace(tmp, os.path.abspath(path))
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    return n
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_wav_temp(path: str, audio, sample_rate: int) -> tuple[str, int]:
+    """The WAV for ``path`` written in full to a temporary file next to it: (temp path, samples). Nothing is left
+    behind when this fails."""
+    samples = np.asarray(audio, dtype=np.float32).reshape(-1)
+    bad = int((~np.isfinite(samples)).sum())
+    if bad:
+        logger.warning("%s: %d non-finite audio samples written as 0", path, bad)
+    pcm = to_pcm16(samples)
+    target = os.path.abspath(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=os.path.dirname(target))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the WAV a normal file's permissions
+        with os.fdopen(fd, "wb") as f:
+            with wave.open(f, "wb") as w:
+                w.setnchannels(1)
+                w.setsampwidth(2)
+                w.setframerate(int(sample_rate))
+                w.writeframes(pcm.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    return tmp, int(pcm.shape[0])
 
 
 @contextlib.contextmanager

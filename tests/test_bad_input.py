@@ -365,10 +365,10 @@ def test_from_pretrained_unreachable_hub(tmp_path, no_weights, monkeypatch):
     message = _api_error(lambda: bark.BarkModel.from_pretrained("someone/tiny-bark"), ConnectionError,
                          r"config\.json is not in the Hugging Face cache.*Hub is unreachable.*127\.0\.0\.1:9")
     assert "missing" not in message
-    bark.processor._HUB_PROBE.clear()
+    bark.hub._HUB_PROBE.clear()
     _api_error(lambda: bark.BarkProcessor.from_pretrained("someone/tiny-bark"), ConnectionError,
                r"tokenizer\.json.*Hub is unreachable")
-    bark.processor._HUB_PROBE.clear()
+    bark.hub._HUB_PROBE.clear()
 
 
 def _edit_weights(path, edit):

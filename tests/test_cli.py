@@ -122,7 +122,7 @@ def test_builtin_random_model_when_no_checkpoint(tmp_path, capsys, monkeypatch):
     import bark.config
 
     # No cached suno/bark-small: the built-in random model runs (shrunk here to keep the test fast) and says so.
-    monkeypatch.setattr(cli, "_hub_cached", lambda repo_id: False)
+    monkeypatch.setattr(bark.hub, "hub_cached", lambda repo_id: False)
     monkeypatch.setattr(bark.config, "bark_small_config", tiny_random_bark_config)
     out = tmp_path / "noise.wav"
     rc = speak_main(["hello", "-o", str(out), "--quiet", "--device", "cpu"])

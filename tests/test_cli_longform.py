@@ -175,9 +175,8 @@ def test_random_model_long_text(tmp_path, capsys, monkeypatch):
     from bark_tiny import tiny_random_bark_config
 
     import bark.config
-    from bark import cli
 
-    monkeypatch.setattr(cli, "_hub_cached", lambda repo_id: False)
+    monkeypatch.setattr(bark.hub, "hub_cached", lambda repo_id: False)
     monkeypatch.setattr(bark.config, "bark_small_config", tiny_random_bark_config)
     out = tmp_path / "noise.wav"
     rc = speak_main([" ".join(SENTENCES[:3]), "-o", str(out), "--quiet", "--device", "cpu",

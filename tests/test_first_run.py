@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from bark import cli
+from bark.cli_progress import StageMonitor
 from bark.generation import StageEvent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,7 +204,7 @@ def _events():
 
 def test_progress_is_one_line_per_stage_outside_a_terminal():
     log = io.StringIO()
-    monitor = cli._Monitor(show=True, stream=log)
+    monitor = StageMonitor(show=True, stream=log)
     for event in _events():
         monitor(event)
     monitor.close()
@@ -214,14 +215,14 @@ def test_progress_is_one_line_per_stage_outside_a_terminal():
                                            "codec    1/1 rows  1.25 s  (1 row)"]
 
     terminal = _Terminal()
-    monitor = cli._Monitor(show=True, stream=terminal)
+    monitor = StageMonitor(show=True, stream=terminal)
     for event in _events():
         monitor(event)
     monitor.close()
     assert "\r" in terminal.getvalue()  # on a terminal: tqdm's bars
 
     quiet = io.StringIO()
-    monitor = cli._Monitor(show=False, stream=quiet)
+    monitor = StageMonitor(show=False, stream=quiet)
     for event in _events():
         monitor(event)
     assert quiet.getvalue() == ""
@@ -235,7 +236,7 @@ def test_random_model_run_in_a_log(tmp_path, capsys, caplog, monkeypatch):
 
     import bark.config
 
-    monkeypatch.setattr(cli, "_hub_cached", lambda repo_id: False)
+    monkeypatch.setattr(bark.hub, "hub_cached", lambda repo_id: False)
     monkeypatch.setattr(bark.config, "bark_small_config", tiny_random_bark_config)
     stage_line = re.compile(r"\w+ +\d+/\d+ \w+ +[\d.]+ s")
     lines = tmp_path / "lines.txt"
