@@ -219,52 +219,60 @@ SECTION_TITLES = OrderedDict([
 ])
 
 
-def targets(payload: dict) -> list[dict]:
-    """The goals of issue 5, each with the figure of this run that measures it (or why it is not measured)."""
+def _prefill_triton_vs_flash_fp16(kernels, runs):
+    ratios = [r["figures"]["speedup_vs_reference"]["value"] for r in kernels
+              if r["section"] == "prefill" and r["provider"] == "bk:triton" and r["params"]["dtype"] == "float16"
+              and "speedup_vs_reference" in r["figures"]]
+    return (min(ratios) if ratios else None), f"min over {len(ratios)} prefill cases of bk:triton / torch-sdpa:flash"
+
+
+def _decode_fraction_of_copy(kernels, runs, model):
+    frac = [r["figures"]["fraction_of_copy_bandwidth"]["value"] for r in kernels
+            if r["section"] == "decode" and r["provider"] == "bk:triton" and r["params"]["batch"] == 64
+            and r["params"]["cache_len"] == 1024 and r["params"]["model"] == model
+            and "fraction_of_copy_bandwidth" in r["figures"]]
+    return (frac[0] if frac else None), "bk:triton achieved GB/s / copy GB/s of this run"
+
+
+def _e2e_figure(kernels, runs, dtype, key, model="bark-small", batch=1):
+    for r in runs:
+        p = r["params"]
+        if (r["provider"], p["model"], p["dtype"], p["batch"]) == ("ours", model, dtype, batch) and key in r["figures"]:
+            return r["figures"][key]["value"], f"ours {dtype} vs transformers, {model} B={batch}, same torch threads"
+    return None, f"ours {dtype} vs transformers, {model} B={batch}"
+
+
+def _e2e_best_vs_transformers_fp32(kernels, runs):
+    values = [_e2e_figure(kernels, runs, d, "speedup_vs_transformers_fp32")[0] for d in ("float16", "bfloat16",
+                                                                                          "float32")]
+    return (max((v for v in values if v is not None), default=None),
+            "best of ours fp16/bf16/fp32 total s vs transformers fp32 total s, same batch")
+
+
+MEASURES = {"prefill_triton_vs_flash_fp16": _prefill_triton_vs_flash_fp16,
+            "decode_fraction_of_copy": _decode_fraction_of_copy, "e2e_figure": _e2e_figure,
+            "e2e_best_vs_transformers_fp32": _e2e_best_vs_transformers_fp32}
+
+
+def targets(payload: dict, table: list[dict] | None = None) -> list[dict]:
+    """Each goal of benchmarks/targets.py for this run's device, with the figure of this run that measures it (or
+    why it is not measured)."""
+    from .targets import TARGETS
+
     kernels = [r for r in payload.get("kernels", []) if r.get("status") == "ok"]
     runs = [r for r in payload.get("e2e", {}).get("runs", []) if r.get("status") == "ok"]
-    gpu = payload["environment"]["device_type"] == "cuda"
+    device = payload["environment"]["device_type"]
     out = []
-
-    def add(goal, value, unit, threshold, how):
-        row = {"goal": goal, "threshold": threshold, "how": how}
+    for target in TARGETS if table is None else table:
+        if target["device"] != device:
+            continue
+        value, how = MEASURES[target["measure"]](kernels, runs, **target["args"])
+        row = {"goal": target["goal"], "threshold": target["threshold"], "how": how, "source": target["source"]}
         if value is None:
             row.update(status="not measured in this run")
         else:
-            row.update(value=value, unit=unit, status="met" if value >= threshold else "not met")
+            row.update(value=value, unit=target["unit"], status="met" if value >= target["threshold"] else "not met")
         out.append(row)
-
-    if gpu:
-        ratios = [r["figures"]["speedup_vs_reference"]["value"] for r in kernels
-                  if r["section"] == "prefill" and r["provider"] == "bk:triton" and r["params"]["dtype"] == "float16"
-                  and "speedup_vs_reference" in r["figures"]]
-        add("triton causal prefill fp16 at or above SDPA-flash (worst Bark shape)", min(ratios) if ratios else None,
-            "x SDPA-flash TFLOP/s", 1.0, f"min over {len(ratios)} prefill cases of bk:triton / torch-sdpa:flash")
-        for model in ("bark-small", "bark"):
-            frac = [r["figures"]["fraction_of_copy_bandwidth"]["value"] for r in kernels
-                    if r["section"] == "decode" and r["provider"] == "bk:triton" and r["params"]["batch"] == 64
-                    and r["params"]["cache_len"] == 1024 and r["params"]["model"] == model
-                    and "fraction_of_copy_bandwidth" in r["figures"]]
-            add(f"triton decode {model} B=64 L=1024 at >= 70% of copy bandwidth", frac[0] if frac else None,
-                "fraction of copy GB/s", 0.7, "bk:triton achieved GB/s / copy GB/s of this run")
-
-    def e2e_fig(dtype, key, model="bark-small", batch=1):
-        for r in runs:
-            p = r["params"]
-            if (r["provider"], p["model"], p["dtype"], p["batch"]) == ("ours", model, dtype, batch) and key in r["figures"]:
-                return r["figures"][key]["value"]
-        return None
-
-    if gpu:
-        best = max((v for v in (e2e_fig(d, "speedup_vs_transformers_fp32") for d in ("float16", "bfloat16", "float32"))
-                    if v is not None), default=None)
-        add("end to end bark-small B=1 >= 10x transformers fp32 eager", best, "x", 10.0,
-            "best of ours fp16/bf16/fp32 total s vs transformers fp32 total s, same batch")
-        add("end to end bark-small B=1 >= 3x transformers in fp16", e2e_fig("float16", "speedup_vs_transformers"), "x",
-            3.0, "ours fp16 vs transformers fp16 total s")
-    else:
-        add("end to end on CPU >= 1.5x transformers, same threads", e2e_fig("float32", "speedup_vs_transformers"),
-            "x", 1.5, "ours fp32 vs transformers fp32 total s, bark-small B=1, same torch threads")
     return out
 
 
@@ -291,7 +299,7 @@ def write_markdown(path: Path, payload: dict) -> None:
         out.append(f"- {note}")
     goals = payload.get("targets", [])
     if goals:
-        out += ["", "## Targets (issue 5)", "", "| goal | measured | target | status |", "|---|---|---|---|"]
+        out += ["", "## Targets (benchmarks/targets.py)", "", "| goal | measured | target | status |", "|---|---|---|---|"]
         for g in goals:
             measured = f"{_fmt(g['value'])} {g['unit']}" if "value" in g else "—"
             out.append(f"| {g['goal']} | {measured} | {g['threshold']} | {g['status']} |")

@@ -232,3 +232,28 @@ def test_e2e_builds_no_model_once_the_budget_is_spent(monkeypatch):
     assert result["runs"] and all(r["status"] == "skipped" for r in result["runs"])
     assert all("time budget" in r["reason"] for r in result["runs"])
     assert result["status"] == "skipped"
+
+
+def test_targets_come_from_the_table_and_are_judged_against_their_threshold():
+    """report.targets evaluates benchmarks/targets.py's rows for the run's device: met at or above the threshold,
+    not met below it, not measured without the figure; rows for another device are left out."""
+    from benchmarks import report
+    from benchmarks.targets import TARGETS
+
+    def e2e(speedup):
+        return {"status": "ok", "provider": "ours", "params": {"model": "bark-small", "dtype": "float32", "batch": 1},
+                "figures": {"speedup_vs_transformers": {"value": speedup, "unit": "x"}}}
+
+    payload = {"environment": {"device_type": "cpu"}, "kernels": [], "e2e": {"runs": [e2e(1.6)]}}
+    cpu_goals = [t for t in TARGETS if t["device"] == "cpu"]
+    rows = report.targets(payload)
+    assert [r["goal"] for r in rows] == [t["goal"] for t in cpu_goals] and rows
+    assert rows[0]["status"] == "met" and rows[0]["value"] == 1.6 and rows[0]["threshold"] == cpu_goals[0]["threshold"]
+    payload["e2e"]["runs"] = [e2e(1.2)]
+    assert report.targets(payload)[0]["status"] == "not met"
+    payload["e2e"]["runs"] = []
+    assert report.targets(payload)[0]["status"] == "not measured in this run"
+    payload["environment"]["device_type"] = "cuda"
+    assert {r["goal"] for r in report.targets(payload)} == {t["goal"] for t in TARGETS if t["device"] == "cuda"}
+    assert all(r["status"] == "not measured in this run" for r in report.targets(payload))
+    assert all(t["measure"] in report.MEASURES for t in TARGETS)
