@@ -142,6 +142,30 @@ def _env_backend_problems(devices: list[torch.device]) -> list[str]:
     return problems
 
 
+def _apply_checkout_interpreter_tool() -> str:
+    """``check --interpret`` run from a source checkout applies its development tool tools/triton_interpreter.py (exact
+    bfloat16, loop bounds on old interpreters), loaded from the file: the library never imports it. Without it (an
+    installed package) the triton backend refuses what the bare interpreter would get wrong. Returns the report line."""
+    import importlib.util
+    from pathlib import Path
+
+    from .backends.triton._env import TOOL
+
+    path = Path(__file__).resolve().parent.parent / TOOL
+    if not path.is_file():
+        return f"not applied: no {TOOL} here (not a source checkout); the triton backend refuses what it would get wrong"
+    try:
+        module = sys.modules.get("tools.triton_interpreter")
+        if module is None or Path(module.__file__).resolve() != path:
+            spec = importlib.util.spec_from_file_location("_bark_kernels_checkout_triton_interpreter", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        reason = module.apply()
+    except Exception as exc:  # triton missing or broken: the backend's availability says so below
+        return f"not applied: {type(exc).__name__}: {exc}"
+    return f"{TOOL} applied" + ("" if reason is None else f" (bfloat16 stays refused: {reason})")
+
+
 def check(argv: list[str] | None = None) -> int:
     from .devices import parse_device
 
@@ -167,8 +191,11 @@ def check(argv: list[str] | None = None) -> int:
                   "switched on", file=sys.stderr)
             return 2
         os.environ["TRITON_INTERPRET"] = "1"
+    rows = environment()
+    if args.interpret:
+        rows.append(("interpreter fix", _apply_checkout_interpreter_tool()))
     print("bark-kernels check")
-    for key, value in environment():
+    for key, value in rows:
         print(f"  {key:<22} {value}")
     print("backends:")
     for row in registry.describe():
