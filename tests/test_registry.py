@@ -45,8 +45,8 @@ def test_explicit_backend_that_cannot_serve_raises_with_reason():
 
 
 def test_cuda_backend_explains_why_it_cannot_serve_cpu_tensors():
-    """On every machine the reason is the one that applies: the extension missing (its availability reason), or built
-    and refusing CPU tensors (naming the device type)."""
+    """On every machine the reason is the one that applies: the backend unavailable (the extension not built, or no
+    CUDA device: its availability reason), or available and refusing CPU tensors (naming the device type)."""
     reason = registry.why_not("cuda", "attention", torch.device("cpu"), torch.float16, 64)
     unavailable = registry.availability("cuda")
     if unavailable is not None:
