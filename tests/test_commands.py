@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-from importlib.metadata import EntryPoint, PackageNotFoundError, distribution
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
@@ -33,18 +34,20 @@ def test_pyproject_registers_speak_of_the_model_package():
     assert _entry(_declared()["speak"]).load() is bark.cli.speak_main
 
 
-def test_installed_metadata_of_this_checkout_has_the_commands():
-    """The entry points reach the metadata only through `pip install -e .`: an install of this checkout made before
-    they were declared must be redone (scripts/setup.sh). An install of another tree says nothing about this one."""
-    try:
-        dist = distribution("bark-kernels")
-    except PackageNotFoundError:
-        pytest.skip("bark-kernels is not installed in this environment (run scripts/setup.sh)")
-    direct_url = dist.read_text("direct_url.json")
-    source = json.loads(direct_url).get("url", "") if direct_url else ""
-    if source.removeprefix("file://").rstrip("/") != str(ROOT):
-        pytest.skip(f"bark-kernels is installed from {source or 'a non-editable build'}, not from {ROOT}")
-    installed = {e.name: e.value for e in dist.entry_points if e.group == cli.COMMAND_GROUP}
+def test_installed_metadata_of_this_checkout_has_the_commands(tmp_path):
+    """What the console script sees, run outside the checkout (only installed metadata counts there). The entry points
+    reach the metadata only through `pip install -e .`: an install of this checkout made before they were declared
+    must be redone (scripts/setup.sh). An install of another tree says nothing about this one."""
+    code = ("import json, bark_kernels; from bark_kernels import cli; listed = getattr(cli, 'registered_commands', "
+            "None); print(json.dumps([bark_kernels.__file__, listed and {n: e.value for n, e in listed().items()}]))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env=env)
+    if run.returncode != 0:
+        pytest.skip(f"bark_kernels is not installed in this environment (run scripts/setup.sh): {run.stderr[-300:]}")
+    package_file, installed = json.loads(run.stdout.strip().splitlines()[-1])
+    if not Path(package_file).resolve().is_relative_to(ROOT):
+        pytest.skip(f"bark_kernels is installed from {Path(package_file).parent.parent}, not from {ROOT}")
     assert installed == _declared(), (f"the installed metadata has {installed}, pyproject.toml declares {_declared()}: "
                                       "run `bash scripts/setup.sh` (pip install -e .) again")
 
