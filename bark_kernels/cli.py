@@ -1,4 +1,17 @@
-"""``bark-kernels``: ``check`` (environment + a numerical self-test of every backend) and ``speak`` (text to WAV)."""
+"""``bark-kernels``: ``check`` (environment + a numerical self-test of every backend), and the commands other packages
+register, such as ``speak`` (text to WAV, from the model package ``bark``).
+
+This library imports nothing from the packages built on it. A package adds a command through the entry-point group
+:data:`COMMAND_GROUP` of its distribution's metadata, e.g. in pyproject.toml::
+
+    [project.entry-points."bark_kernels.commands"]
+    speak = "bark.cli:speak_main"
+
+The target is a callable ``(argv: list[str]) -> int`` (the exit code), given the arguments after the command name.
+Listing the commands reads the installed metadata only; a command's module is imported when that command runs. Entry
+points are written by ``pip install`` (``pip install -e .`` for a checkout, as scripts/setup.sh does), so an install
+made before a command was declared does not know it: the error then says to install again.
+"""
 
 from __future__ import annotations
 
@@ -129,6 +142,30 @@ def _env_backend_problems(devices: list[torch.device]) -> list[str]:
     return problems
 
 
+def _apply_checkout_interpreter_tool() -> str:
+    """``check --interpret`` run from a source checkout applies its development tool tools/triton_interpreter.py (exact
+    bfloat16, loop bounds on old interpreters), loaded from the file: the library never imports it. Without it (an
+    installed package) the triton backend refuses what the bare interpreter would get wrong. Returns the report line."""
+    import importlib.util
+    from pathlib import Path
+
+    from .backends.triton._env import TOOL
+
+    path = Path(__file__).resolve().parent.parent / TOOL
+    if not path.is_file():
+        return f"not applied: no {TOOL} here (not a source checkout); the triton backend refuses what it would get wrong"
+    try:
+        module = sys.modules.get("tools.triton_interpreter")
+        if module is None or Path(module.__file__).resolve() != path:
+            spec = importlib.util.spec_from_file_location("_bark_kernels_checkout_triton_interpreter", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        reason = module.apply()
+    except Exception as exc:  # triton missing or broken: the backend's availability says so below
+        return f"not applied: {type(exc).__name__}: {exc}"
+    return f"{TOOL} applied" + ("" if reason is None else f" (bfloat16 stays refused: {reason})")
+
+
 def check(argv: list[str] | None = None) -> int:
     from .devices import parse_device
 
@@ -154,8 +191,11 @@ def check(argv: list[str] | None = None) -> int:
                   "switched on", file=sys.stderr)
             return 2
         os.environ["TRITON_INTERPRET"] = "1"
+    rows = environment()
+    if args.interpret:
+        rows.append(("interpreter fix", _apply_checkout_interpreter_tool()))
     print("bark-kernels check")
-    for key, value in environment():
+    for key, value in rows:
         print(f"  {key:<22} {value}")
     print("backends:")
     for row in registry.describe():
@@ -193,24 +233,67 @@ def check(argv: list[str] | None = None) -> int:
     return 0 if failures == 0 else 1
 
 
+COMMAND_GROUP = "bark_kernels.commands"
+BUILTIN_COMMANDS = {"check": "environment + backend self-test"}
+
+
+def registered_commands() -> dict:
+    """Command name -> ``importlib.metadata.EntryPoint`` of the group :data:`COMMAND_GROUP`, from the installed
+    metadata (nothing is imported). A name registered twice (two installs on the path) keeps the first one found."""
+    from importlib.metadata import entry_points
+
+    commands = {}
+    for entry in entry_points(group=COMMAND_GROUP):
+        if entry.name not in BUILTIN_COMMANDS:
+            commands.setdefault(entry.name, entry)
+    return commands
+
+
+def _usage(commands: dict) -> str:
+    names = [*BUILTIN_COMMANDS, *sorted(commands)]
+    lines = [f"usage: bark-kernels {{{','.join(names)}}} ..."]
+    lines += [f"  {name:<7} {text}" for name, text in BUILTIN_COMMANDS.items()]
+    lines += [f"  {name:<7} from {commands[name].value} ({name} --help for its options)" for name in sorted(commands)]
+    if not commands:
+        lines.append(_no_commands_hint())
+    return "\n".join(lines)
+
+
+def _no_commands_hint() -> str:
+    return (f"(no command is registered in the entry-point group {COMMAND_GROUP!r}: bark-kernels is not installed, or "
+            "its installed metadata predates the commands; install it again: `bash scripts/setup.sh` or `pip install "
+            "-e .` in the checkout, which also registers `speak` of the model package)")
+
+
+def _run_registered(command: str, entry, rest: list[str]) -> int:
+    try:
+        command_main = entry.load()
+    except Exception as exc:  # the providing package is broken or half-installed: one line, not a traceback
+        print(f"bark-kernels: error: command {command!r} ({entry.value}, entry-point group {COMMAND_GROUP!r}) cannot "
+              f"be loaded: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return command_main(rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: bark-kernels {check,speak} ...\n  check   environment + backend self-test\n  speak   text to speech"
+    commands = registered_commands()
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage, file=sys.stdout if argv else sys.stderr)
+        print(_usage(commands), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     try:
         if command == "check":
             return check(rest)
-        if command == "speak":
-            from bark.cli import speak_main
-
-            return speak_main(rest)
+        if command in commands:
+            return _run_registered(command, commands[command], rest)
     except KeyboardInterrupt:
         print(f"bark-kernels {command}: interrupted", file=sys.stderr)
         return 130
-    print(f"bark-kernels: error: unknown command {command!r} (expected check or speak; --help for usage)",
+    names = [*BUILTIN_COMMANDS, *sorted(commands)]
+    expected = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    hint = "" if commands else " " + _no_commands_hint()
+    print(f"bark-kernels: error: unknown command {command!r} (expected {expected}; --help for usage){hint}",
           file=sys.stderr)
     return 2
 

@@ -29,35 +29,45 @@ MAX_HEAD_DIM = 256  # the largest head_dim the public API takes
 OP_NAMES = ("attention", "attention_varlen", "attention_with_kvcache", "gather_rows", "scatter_rows")
 
 
+ANY_DEVICE = "*"  # in Backend.automatic: every device type
+
+
 @dataclass(frozen=True)
 class Backend:
-    """One backend: its name, the module holding its op table, and the optional features it serves."""
+    """One backend: its name, the module holding its op table, the device types on which the automatic choice may pick
+    it, and the optional features it serves."""
 
     name: str
     module: str
+    automatic: tuple[str, ...] = ("cuda",)
     dropout: bool = False  # serves attention(dropout_p > 0)
     attn_weights: bool = False  # serves attention(return_attn_weights=True)
     description: str = ""
 
 
+# The one table of backends. Its order is the automatic order on every device type. Triton on CPU (interpreter) is
+# only used when asked for explicitly.
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("triton", "bark_kernels.backends.triton", description="our Triton kernels (CUDA; CPU under TRITON_INTERPRET=1)"),
         Backend("cuda", "bark_kernels.backends.cuda", description="our CUDA C++ extension bark_kernels._C"),
         Backend("flash_attn", "bark_kernels.backends.flash_attn", dropout=True, description="flash-attn >= 2.1"),
-        Backend("sdpa", "bark_kernels.backends.sdpa", dropout=True, description="torch scaled_dot_product_attention"),
-        Backend("eager", "bark_kernels.backends.eager", dropout=True, attn_weights=True,
+        Backend("sdpa", "bark_kernels.backends.sdpa", automatic=(ANY_DEVICE,), dropout=True,
+                description="torch scaled_dot_product_attention"),
+        Backend("eager", "bark_kernels.backends.eager", automatic=(ANY_DEVICE,), dropout=True, attn_weights=True,
                 description="plain PyTorch, the ground truth"),
     )
 }
 
-# The automatic order per device type. Triton on CPU (interpreter) is only used when asked for explicitly.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("triton", "cuda", "flash_attn", "sdpa", "eager"),
-    "cpu": ("sdpa", "eager"),
-}
-DEFAULT_ORDER: tuple[str, ...] = ("sdpa", "eager")
+
+def _automatic_order(device_type: str) -> tuple[str, ...]:
+    return tuple(name for name, b in BACKENDS.items() if device_type in b.automatic or ANY_DEVICE in b.automatic)
+
+
+# The automatic order per device type, derived from BACKENDS; any other device type gets DEFAULT_ORDER.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {device_type: _automatic_order(device_type) for device_type in ("cuda", "cpu")}
+DEFAULT_ORDER: tuple[str, ...] = _automatic_order(ANY_DEVICE)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -78,7 +88,12 @@ def _load(name: str) -> ModuleType | str:
             _modules[name] = f"import of {BACKENDS[name].module} failed: {type(exc).__name__}: {exc}"
         else:
             missing = [op for op in OP_NAMES if op not in getattr(mod, "OPS", {})]
-            _modules[name] = mod if not missing else f"{BACKENDS[name].module} lacks ops {missing}"
+            if missing:
+                _modules[name] = f"{BACKENDS[name].module} lacks ops {missing}"
+            elif getattr(mod, "NAME", None) != name:
+                _modules[name] = f"{BACKENDS[name].module} calls itself {getattr(mod, 'NAME', None)!r}, not {name!r}"
+            else:
+                _modules[name] = mod
     return _modules[name]
 
 
@@ -197,10 +212,3 @@ def describe() -> list[dict]:
         rows.append({"name": name, "description": record.description, "available": reason is None,
                      "reason": reason or ""})
     return rows
-
-
-def reset_cache() -> None:
-    """Forget imported modules, cached selections and logged fallbacks (tests use this)."""
-    _modules.clear()
-    _logged.clear()
-    _selection_cache.clear()

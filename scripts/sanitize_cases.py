@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: tools/
+        from tools import triton_interpreter
+
+        triton_interpreter.apply()  # exact bf16 under the interpreter (else the triton backend refuses bf16)
     import torch
 
     import bark_kernels as bk

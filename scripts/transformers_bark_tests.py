@@ -58,7 +58,13 @@ def pytest_configure(config):
     from transformers.models.bark import modeling_bark
 
     import bark_kernels
+    from bark_kernels.backends.triton._env import interpreter_enabled
 
+    if interpreter_enabled():  # exact bf16 under the interpreter (else the triton backend refuses bf16)
+        sys.path.insert(0, str(REPO))
+        from tools import triton_interpreter
+
+        triton_interpreter.apply()
     names = bark_kernels.register_transformers()
     if impl not in names:
         raise ValueError(f"{ENV_IMPL}: expected one of {names} or 'eager', got {impl!r}")

@@ -1,7 +1,9 @@
 """Test configuration shared by every test file.
 
 On a machine without CUDA the Triton kernels run under Triton's interpreter on CPU tensors. The interpreter must be
-switched on before triton is first imported, so it happens here, before any test module imports bark_kernels.
+switched on before triton is first imported, so it happens here, before any test module imports bark_kernels; then the
+development tool tools/triton_interpreter.py makes the interpreter run our kernels right (exact bfloat16, loop bounds
+on triton <= 3.6 with NumPy >= 2.4). The library never applies it itself: without it the backend refuses bf16.
 """
 
 import os
@@ -14,6 +16,17 @@ if not torch.cuda.is_available():
     # The CPU tests use tiny shapes: intra-op threads only add contention (on a loaded 2-core machine, tiny decode steps
     # ran ~40x slower with 2 threads than with 1).
     torch.set_num_threads(1)
+    from bark_kernels.backends.triton._env import interpreter_enabled
+
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # the triton backend reports itself unavailable, and its tests skip
+        pass
+    else:
+        if interpreter_enabled():
+            from tools import triton_interpreter
+
+            triton_interpreter.apply()  # logs a warning when bf16 cannot be made right (the backend then refuses it)
 elif int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     # pytest-xdist workers on a CUDA machine: each would start one torch thread per core for its CPU references
     # (16 workers x 16 threads on the 16-core GPU machine); give each its share of the cores instead.

@@ -66,8 +66,16 @@ def test_nvcc_arch_flags_sass_per_arch_and_portable_ptx():
 
 def test_skip_switch():
     assert _jit.cuda_build_skip_reason({_jit.ENV_SKIP: "1"}) == f"{_jit.ENV_SKIP} is set"
-    reason = _jit.cuda_build_skip_reason({_jit.ENV_SKIP: "0"})
-    assert reason is None or _jit.ENV_SKIP not in reason
+    # "0" and "" mean unset: the reason is then exactly the machine's (no CUDA torch, or no toolkit, or None)
+    import torch
+
+    for value in ("0", "", " 0 "):
+        env = {_jit.ENV_SKIP: value, "PATH": os.environ.get("PATH", "")}
+        reason = _jit.cuda_build_skip_reason(env)
+        if torch.version.cuda is None:
+            assert reason == f"torch {torch.__version__} has no CUDA support", reason
+        else:
+            assert reason == _jit.find_cuda_home(env)[1], reason
 
 
 def _fake_toolkit(root: Path, nvcc_script: str = "#!/bin/sh\nexit 0\n") -> Path:

@@ -45,9 +45,14 @@ def test_explicit_backend_that_cannot_serve_raises_with_reason():
 
 
 def test_cuda_backend_explains_why_it_cannot_serve_cpu_tensors():
-    """On every machine (the extension missing, or built and refusing CPU tensors) the reason is non-empty."""
+    """On every machine the reason is the one that applies: the backend unavailable (the extension not built, or no
+    CUDA device: its availability reason), or available and refusing CPU tensors (naming the device type)."""
     reason = registry.why_not("cuda", "attention", torch.device("cpu"), torch.float16, 64)
-    assert reason
+    unavailable = registry.availability("cuda")
+    if unavailable is not None:
+        assert reason == unavailable and unavailable.strip(), reason
+    else:
+        assert reason == "runs on CUDA devices only, got device type 'cpu'", reason
 
 
 def test_triton_backend_is_available_where_the_suite_expects_it():

@@ -9,6 +9,7 @@ The cross-backend parity suite (tests/test_attention.py, test_kvcache.py, ...) c
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from bark_kernels.testing import (
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parent.parent
 
 triton_backend = pytest.importorskip("bark_kernels.backends.triton")
 triton = pytest.importorskip("triton")
@@ -259,7 +261,7 @@ def _tensor_bounded_loop_probe(Out, n, BLOCK: tl.constexpr):
 def test_loops_with_tensor_bounds(n, trips):
     """`range(lo, tl.minimum(...))`: Triton <= 3.6's interpreter converts such bounds with int() of a 1-element array,
     which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); the project's
-    _interpreter_compat patch makes it work (the GPU machine's stack is triton 3.6 with numpy 2.5). Compiled on CUDA."""
+    tools/triton_interpreter.py makes it work (the GPU machine's stack is triton 3.6 with numpy 2.5). Compiled on CUDA."""
     out = torch.full((1,), -1, dtype=torch.int32, device=DEVICE)
     _tensor_bounded_loop_probe[(1,)](out, n, BLOCK=16)
     assert out.item() == trips
@@ -303,11 +305,11 @@ def test_gather_scatter_rows_exact(dtype):
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the bf16 interpreter patch only matters on CPU")
 def test_bf16_interpreter_patch_is_active_and_right():
-    from bark_kernels.backends.triton import _interpreter_bf16
+    from tools import triton_interpreter
 
-    assert _interpreter_bf16.apply() is None
+    assert triton_interpreter.apply() is None
     assert triton_backend.supports("attention", torch.device("cpu"), torch.bfloat16, 64) is None
-    assert _interpreter_bf16._self_test() is None  # re-run the probe kernel: bf16 math, casts, dot match PyTorch
+    assert triton_interpreter._self_test() is None  # re-run the probe kernel: bf16 math, casts, dot match PyTorch
 
 
 def test_bf16_split_k_decode():
@@ -454,9 +456,8 @@ def _aot_check(quick: bool):
 
     pytest.importorskip("triton.backends.nvidia.compiler", reason="triton's NVIDIA backend (ptxas) is not installed")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    cmd = [sys.executable, "-m", "bark_kernels.backends.triton._aot_check", "--arch", "90"] + (["--quick"] if quick
-                                                                                           else [])
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=2400)
+    cmd = [sys.executable, "-m", "tools.aot_check", "--arch", "90"] + (["--quick"] if quick else [])
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=2400, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "0 failure(s)" in run.stdout
 
@@ -483,8 +484,10 @@ def test_bf16_interpreter_self_test_survives_a_meta_device_context():
     code = ("import torch\n"
             "with torch.device('meta'):\n"
             "    import bark_kernels.backends.triton as t\n"
-            "print('bf16-error:', t._BF16_INTERPRETER_ERROR)\n")
+            "    from tools import triton_interpreter\n"
+            "    print('bf16-error:', triton_interpreter.apply())\n")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                            cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "bf16-error: None" in result.stdout

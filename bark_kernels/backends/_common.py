@@ -112,3 +112,33 @@ def used_cache_length(cache_seqlens: torch.Tensor, seqlen_new: int, max_seqlen: 
     if cache_seqlens.device.type != "cpu" or compiling or cache_seqlens.numel() == 0:
         return max_seqlen
     return min(int(cache_seqlens.max()) + seqlen_new, max_seqlen)
+
+
+def varlen_by_padding(masked_attention, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                      softmax_scale):
+    """``attention_varlen`` of a backend whose core is ``masked_attention(q, k, v, mask, softmax_scale)`` on
+    (B, H, S, D) tensors with a boolean mask (True: the key is seen) broadcastable to (B, H, Sq, Sk): every sequence
+    padded to the longest, a per-row mask (no host sync). q (total_q, H, D), k/v (total_k, H, D) -> (total_q, H, D)."""
+    qp = varlen_to_padded(q, cu_seqlens_q, max_seqlen_q)  # (B, Mq, H, D)
+    kp = varlen_to_padded(k, cu_seqlens_k, max_seqlen_k)  # (B, Mk, H, D)
+    vp = varlen_to_padded(v, cu_seqlens_k, max_seqlen_k)
+    len_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    len_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    mask = visible_keys_mask(len_q, len_k, max_seqlen_q, max_seqlen_k, causal).unsqueeze(1)  # (B, 1, Mq, Mk)
+    out = masked_attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), mask, softmax_scale)
+    return padded_to_varlen(out.transpose(1, 2), cu_seqlens_q, q.shape[0])  # (total_q, H, D)
+
+
+def kvcache_by_mask(masked_attention, q, k_cache, v_cache, k, v, cache_seqlens, causal, softmax_scale):
+    """``attention_with_kvcache`` of a backend whose core is ``masked_attention`` (see :func:`varlen_by_padding`): the
+    new k/v appended in place, then attention over the used part of the cache with a per-row mask.
+    q (B, Sq, H, D), caches (B, S_max, H, D), k/v (B, Sq, H, D) or None -> (B, Sq, H, D)."""
+    seqlen_new = 0
+    if k is not None:
+        append_to_cache(k_cache, v_cache, k, v, cache_seqlens)
+        seqlen_new = k.shape[1]
+    used = used_cache_length(cache_seqlens, seqlen_new, k_cache.shape[1])  # slots past it are never seen
+    k_cache, v_cache = k_cache[:, :used], v_cache[:, :used]  # (B, used, H, D) views
+    mask = kvcache_mask(cache_seqlens, q.shape[1], seqlen_new, used, causal).unsqueeze(1)  # (B, 1, Sq, used)
+    out = masked_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), mask, softmax_scale)
+    return out.transpose(1, 2)  # (B, Sq, H, D)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .._versions import version_tuple
 from . import eager
 
 NAME = "flash_attn"
@@ -22,18 +23,10 @@ except Exception as exc:  # pragma: no cover - depends on the machine
     _IMPORT_ERROR = f"flash-attn is not importable ({type(exc).__name__}: {exc})"
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
 def availability() -> str | None:
     if _fa is None:
         return _IMPORT_ERROR
-    if _version_tuple(getattr(_fa, "__version__", "0")) < (2, 1):
+    if version_tuple(getattr(_fa, "__version__", "0")) < (2, 1):
         return f"flash-attn {_fa.__version__} < 2.1 aligns causal masks top-left"
     if not torch.cuda.is_available():
         return "no CUDA device"

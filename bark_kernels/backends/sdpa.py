@@ -46,26 +46,12 @@ def attention(q, k, v, causal, softmax_scale, dropout_p=0.0):
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
-    qp = _common.varlen_to_padded(q, cu_seqlens_q, max_seqlen_q)  # (B, Mq, H, D)
-    kp = _common.varlen_to_padded(k, cu_seqlens_k, max_seqlen_k)  # (B, Mk, H, D)
-    vp = _common.varlen_to_padded(v, cu_seqlens_k, max_seqlen_k)
-    len_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-    len_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-    mask = _common.visible_keys_mask(len_q, len_k, max_seqlen_q, max_seqlen_k, causal).unsqueeze(1)  # (B,1,Mq,Mk)
-    out = _sdpa(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), mask, softmax_scale)
-    return _common.padded_to_varlen(out.transpose(1, 2), cu_seqlens_q, q.shape[0])  # (total_q, H, D)
+    return _common.varlen_by_padding(_sdpa, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                     softmax_scale)
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, causal, softmax_scale):
-    seqlen_new = 0
-    if k is not None:
-        _common.append_to_cache(k_cache, v_cache, k, v, cache_seqlens)
-        seqlen_new = k.shape[1]
-    used = _common.used_cache_length(cache_seqlens, seqlen_new, k_cache.shape[1])  # slots past it are never seen
-    k_cache, v_cache = k_cache[:, :used], v_cache[:, :used]  # (B, used, H, D) views
-    mask = _common.kvcache_mask(cache_seqlens, q.shape[1], seqlen_new, used, causal).unsqueeze(1)
-    out = _sdpa(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), mask, softmax_scale)
-    return out.transpose(1, 2)  # (B, Sq, H, D)
+    return _common.kvcache_by_mask(_sdpa, q, k_cache, v_cache, k, v, cache_seqlens, causal, softmax_scale)
 
 
 OPS = {

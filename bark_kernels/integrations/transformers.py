@@ -37,6 +37,7 @@ import transformers
 
 from .. import interface as bk
 from .. import registry
+from .._versions import version_tuple
 from ..backends import eager as eager_backend
 
 logger = logging.getLogger("bark_kernels")
@@ -60,14 +61,6 @@ _state: dict = {"bark_module": None, "classes": {}}
 _logged: set = set()
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
 def _bark_module():
     """transformers' Bark modeling module, as imported now (a reload gives a new one)."""
     return importlib.import_module("transformers.models.bark.modeling_bark")
@@ -87,7 +80,7 @@ def _interfaces():
 def check_supported() -> None:
     """Raise ``RuntimeError`` naming the problem when this transformers cannot take our Bark attention."""
     version = transformers.__version__
-    if _version_tuple(version) < MIN_VERSION:
+    if version_tuple(version) < MIN_VERSION:
         raise RuntimeError(
             f"transformers {version} is not supported by bark_kernels' transformers integration: it needs transformers "
             f">= {'.'.join(map(str, MIN_VERSION))} (tested with {', '.join(TESTED_VERSIONS)}). Upgrade transformers, "
@@ -118,7 +111,7 @@ def check_supported() -> None:
     for owner in interfaces:
         if owner is not None and not callable(getattr(owner, "register", None)):
             problems.append(f"{owner.__name__}.register is missing")
-    if _version_tuple(version) >= (5, 0) and len(interfaces) == 2 and interfaces[1] is None:
+    if version_tuple(version) >= (5, 0) and len(interfaces) == 2 and interfaces[1] is None:
         problems.append("transformers.masking_utils.AttentionMaskInterface is missing (padding masks would be lost)")
     if problems:
         raise RuntimeError(
@@ -394,11 +387,6 @@ def _make_attention_class(base: type) -> type:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # registration
-
-
-def attention_classes() -> dict[str, type]:
-    """The registered module classes, name -> class (empty before ``register()``)."""
-    return dict(_state["classes"])
 
 
 def register(force: bool = False) -> list[str]:

@@ -52,7 +52,7 @@ def prefill_config(head_dim: int, dtype: torch.dtype, max_seqlen_q: int, max_seq
 
     CUDA values are chosen for H100 (sm_90) from the usual FlashAttention-2-in-Triton settings; NOT tuned on a GPU yet.
     The choice depends on the padded head width (``head_dim_pad``): 64 and 128 keep their configurations; wider heads
-    (up to 256) take smaller tiles so the accumulator and the K/V pipeline fit (checked by ``_aot_check``).
+    (up to 256) take smaller tiles so the accumulator and the K/V pipeline fit (checked by ``tools/aot_check.py``).
     """
     if interpreter_enabled():
         return AttnConfig(_pow2_at_least(max_seqlen_q, 16, 128), _pow2_at_least(max_seqlen_k, 16, 128), 4, 1)
@@ -61,7 +61,7 @@ def prefill_config(head_dim: int, dtype: torch.dtype, max_seqlen_q: int, max_seq
         return AttnConfig(16, 16, 4, 2) if dtype == torch.float32 else AttnConfig(64, 32, 8, 2)
     if dtype == torch.float32:
         # ieee fp32 dot runs on FMA units with 4-byte tiles: register pressure decides. Picked so that ptxas spills
-        # (almost) nothing for sm_80 and sm_90 with triton 3.6 and 3.9 (_aot_check); the former (64, 32, 4 warps)
+        # (almost) nothing for sm_80 and sm_90 with triton 3.6 and 3.9 (tools/aot_check.py); the former (64, 32, 4 warps)
         # spilled 1.4 KB per thread at D = 64 and 30 KB at D = 128
         if head_dim > 64:
             return AttnConfig(32, 16, 8, 2)

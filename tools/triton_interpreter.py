@@ -1,31 +1,44 @@
-"""Make Triton's CPU interpreter compute bfloat16 correctly (applied only under ``TRITON_INTERPRET=1``).
+"""Make Triton's CPU interpreter (``TRITON_INTERPRET=1``) run our kernels right: development tooling, not library code.
 
-The problem: the interpreter (``triton/runtime/interpreter.py``) keeps bfloat16 values as raw ``numpy.uint16`` bits
-(numpy has no bfloat16). Loads and stores move the bits correctly, but arithmetic, ``tl.dot`` and most casts then
-operate on the integers, so any kernel doing bf16 math returns garbage (upstream triton issues #4972, #11584).
-fp32 <-> bf16 casts go through a bit-level converter that truncates instead of rounding to nearest even.
+The library never imports this module. Under the interpreter the Triton backend refuses bfloat16 (and, on an old
+interpreter with a new NumPy, every op) with a reason naming this file, until it has been applied: tests/conftest.py,
+scripts/sanitize_cases.py --interpret and ``bark-kernels check --interpret`` run from a checkout apply it. ``apply()`` makes
+both fixes and returns None when bfloat16 is right, else the reason it is not.
 
-The fix: represent bfloat16 as ``ml_dtypes.bfloat16``, a real numpy floating dtype with the same 2-byte layout
-(so loads/stores of the raw memory stay exact) whose arithmetic and casts round like the hardware:
+1. Loop bounds (:func:`apply_loop_bounds`). The interpreter keeps every scalar as a 1-element 1-D numpy array, and
+   Triton <= 3.6 converts a scalar tensor to a Python int with ``int(array)``, which NumPy 2.4 rejects for arrays with
+   ndim > 0 ("only 0-dimensional arrays can be converted to Python scalars"). Every ``for i in range(lo, hi, step)``
+   whose bounds are tensors (our kernels' loops over key blocks) then fails. Triton 3.9 converts with
+   ``int(array.squeeze())``; this does the same for older versions by wrapping ``interpreter._patch_lang_tensor``
+   (which installs ``tl.tensor.__index__`` for each launch).
 
-1. ``_get_np_dtype(tl.bfloat16)`` -> ``ml_dtypes.bfloat16`` (was ``uint16``). Every load, constant, splat, reduction
-   and elementwise op of the interpreter picks its numpy dtype through this function, so they all become bf16 math.
-   ``create_masked_load`` / ``create_masked_store`` still move uint16 bits through the C++ memory helpers (which only
-   know builtin numpy dtypes) and view them as bf16 on the way in / out.
-2. ``InterpreterBuilder.cast_impl`` / ``create_fp_to_fp``: any float cast from or to bf16 is a numpy ``astype``
-   (round to nearest even), instead of the truncating bit converter.
-3. ``InterpreterBuilder.create_dot``: bf16 operands are widened to float32 before ``np.matmul`` (exact products, fp32
-   accumulation, as tensor cores do).
+2. bfloat16 (:func:`apply_bf16`). The interpreter (``triton/runtime/interpreter.py``) keeps bfloat16 values as raw
+   ``numpy.uint16`` bits (numpy has no bfloat16). Loads and stores move the bits correctly, but arithmetic, ``tl.dot``
+   and most casts then operate on the integers, so any kernel doing bf16 math returns garbage (upstream triton issues
+   #4972, #11584). fp32 <-> bf16 casts go through a bit-level converter that truncates instead of rounding to nearest
+   even. The fix represents bfloat16 as ``ml_dtypes.bfloat16``, a real numpy floating dtype with the same 2-byte
+   layout (so loads/stores of the raw memory stay exact) whose arithmetic and casts round like the hardware:
 
-``apply()`` patches once, then runs a small self-test kernel (bf16 loads, arithmetic, casts, dot, stores) against
-PyTorch; if anything disagrees (e.g. a Triton version whose interpreter differs) it restores the interpreter as it
-was and returns the reason, and the backend's ``supports()`` then rejects bf16 on the interpreter instead of returning
-wrong numbers. Checked with triton 3.9 and 3.6.
+   - ``_get_np_dtype(tl.bfloat16)`` -> ``ml_dtypes.bfloat16`` (was ``uint16``). Every load, constant, splat, reduction
+     and elementwise op of the interpreter picks its numpy dtype through this function, so they all become bf16 math.
+     ``create_masked_load`` / ``create_masked_store`` still move uint16 bits through the C++ memory helpers (which
+     only know builtin numpy dtypes) and view them as bf16 on the way in / out.
+   - ``InterpreterBuilder.cast_impl`` / ``create_fp_to_fp``: any float cast from or to bf16 is a numpy ``astype``
+     (round to nearest even), instead of the truncating bit converter.
+   - ``InterpreterBuilder.create_dot``: bf16 operands are widened to float32 before ``np.matmul`` (exact products,
+     fp32 accumulation, as tensor cores do).
+
+   It patches once, then runs a small self-test kernel (bf16 loads, arithmetic, casts, dot, stores) against PyTorch;
+   if anything disagrees (e.g. a Triton version whose interpreter differs) it restores the interpreter as it was and
+   returns the reason. Only a passing self-test marks the interpreter (``BF16_VERIFIED``) as one the backend may run
+   bfloat16 on. Checked with triton 3.9 and 3.6.
 """
 
 from __future__ import annotations
 
 import logging
+
+from bark_kernels.backends.triton._env import BF16_ERROR, BF16_VERIFIED
 
 logger = logging.getLogger("bark_kernels")
 
@@ -154,18 +167,54 @@ def _self_test() -> str | None:
     return None
 
 
-def apply() -> str | None:
+def apply_bf16() -> str | None:
     """Patch the interpreter (idempotent) and self-test it. None when bf16 is right, else the reason it is not."""
+    from triton.runtime import interpreter
+
     if "result" not in _state:
         try:
             _patch()
             import torch
 
-            with torch.device("cpu"):  # the first import may happen inside a `with torch.device("meta")` block
+            with torch.device("cpu"):  # this may run inside a `with torch.device("meta")` block
                 _state["result"] = _self_test()
         except Exception as exc:  # ml_dtypes missing, or an interpreter layout this patch does not know
             _state["result"] = f"{type(exc).__name__}: {exc}"
         if _state["result"] is not None:
             _unpatch()
             logger.warning("bark_kernels: bfloat16 under the Triton interpreter is disabled: %s", _state["result"])
+        setattr(interpreter, BF16_VERIFIED, _state["result"] is None)
+        setattr(interpreter, BF16_ERROR, _state["result"])
     return _state["result"]
+
+
+def apply_loop_bounds() -> None:
+    """Idempotent; harmless on a Triton whose interpreter already handles 1-element arrays."""
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_bark_kernels_index_patched", False) or not hasattr(interpreter, "_patch_lang_tensor"):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope, *rest):
+        original(tensor, scope, *rest)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+    interpreter._bark_kernels_index_patched = True
+
+
+def apply() -> str | None:
+    """Both fixes, loop bounds first (the bf16 self-test kernel runs after it). Needs ``TRITON_INTERPRET=1`` set before
+    triton was imported. None when bfloat16 is right, else the reason it is not (the backend then refuses bf16)."""
+    from bark_kernels.backends.triton._env import interpreter_enabled
+
+    if not interpreter_enabled():
+        raise RuntimeError("tools.triton_interpreter.apply(): TRITON_INTERPRET=1 is not set (it must be set before "
+                           "triton is imported)")
+    from bark_kernels.backends.triton import recheck_interpreter
+
+    apply_loop_bounds()
+    result = apply_bf16()
+    recheck_interpreter()  # the backend judges the interpreter once, at import: tell it that it changed
+    return result

@@ -5,7 +5,7 @@ constexpr branches, unsupported ops, shared memory over the limit). This compile
 launch, for sm_90 (H100) by default, with ``triton.compile`` and the ptxas bundled with Triton, and reports each
 variant's shared memory. It must run with ``TRITON_INTERPRET`` unset (the kernels are then real JIT functions):
 
-    TRITON_INTERPRET=0 python -m bark_kernels.backends.triton._aot_check [--quick] [--arch 90]
+    TRITON_INTERPRET=0 python -m tools.aot_check [--quick] [--arch 90]
 
 Each variant is compiled with the specialization a real launch gets at Bark's shapes: the JIT marks every pointer that
 is 16-byte aligned and every integer divisible by 16 with ``tt.divisibility = 16`` (our strides are multiples of
@@ -31,8 +31,8 @@ _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"
 
 
 def _attn_variants(quick: bool):
-    from . import _launchers as L
-    from ._attention_kernels import MODE_DENSE, MODE_KVCACHE, MODE_VARLEN
+    from bark_kernels.backends.triton import _launchers as L
+    from bark_kernels.backends.triton._attention_kernels import MODE_DENSE, MODE_KVCACHE, MODE_VARLEN
 
     dtypes = [torch.float16] if quick else [torch.float16, torch.bfloat16, torch.float32]
     # every mode for the unpadded head dims; for the padded ones (8 -> 16, 40 -> 64, 80 and 96 -> 128, 160 -> 256)
@@ -116,9 +116,9 @@ def run(arch: int = 90, quick: bool = False, out=sys.stdout) -> list[str]:
     """Compile the variants; returns the failures (empty when every variant compiled within the shared limit)."""
     from triton.backends.compiler import GPUTarget
 
-    from . import _launchers as L
-    from ._attention_kernels import _attn_fwd_kernel, _combine_splits_kernel
-    from ._rows_kernels import _gather_rows_kernel, _scatter_rows_kernel
+    from bark_kernels.backends.triton import _launchers as L
+    from bark_kernels.backends.triton._attention_kernels import _attn_fwd_kernel, _combine_splits_kernel
+    from bark_kernels.backends.triton._rows_kernels import _gather_rows_kernel, _scatter_rows_kernel
 
     if not hasattr(_attn_fwd_kernel, "arg_names"):
         return ["kernels are interpreted (TRITON_INTERPRET=1): run with TRITON_INTERPRET=0"]
