@@ -23,7 +23,8 @@ rejects, 1 otherwise), and is found before the model's weights are read wherever
 checkpoint's configuration, tokenizer and voice preset (ids in range), the device, the attention backend (``--attn``
 or ``BARK_KERNELS_BACKEND``) and the token cap are all checked first. Ctrl-C ends with one line and exit code 130.
 
-``bark_kernels.cli`` dispatches ``bark-kernels speak`` to :func:`speak_main`; :func:`add_speak_parser` adds the same
+``bark-kernels speak`` reaches :func:`speak_main` through the entry point ``speak`` of the group
+``bark_kernels.commands`` (pyproject.toml); :func:`add_speak_parser` adds the same
 options to an ``argparse`` sub-command parser.
 """
 

@@ -1,15 +1,21 @@
-"""Which way imports go: ``bark_kernels`` imports nothing from ``bark`` and no development tooling (``tools/``), on the
-way in (``import bark_kernels``) and when the Triton backend is loaded; the tooling's modules are gone from the package.
+"""Which way imports go (docs/layout.md): no cycle between the project's modules; ``bark_kernels`` imports nothing
+from ``bark`` and no development tooling (``tools/``), on the way in (``import bark_kernels``) and when the Triton
+backend is loaded; the tooling's modules are gone from the package; bark's modules stand in the layers docs/layout.md
+draws, each importing only from layers below it. The graph is read from the source by scripts/import_graph.py
+(imports inside functions count too: a function-level import does not hide a cycle).
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "bark_kernels"
@@ -67,3 +73,65 @@ def test_interpreter_without_the_tool_refuses_bf16_and_names_it():
     assert "would compute wrong values" in bf16 or "cannot run loops" in bf16, bf16
     assert "tools/triton_interpreter.py" in bf16
     assert fp32 == loop_bounds  # None where the loops work, else that reason
+
+
+# bark's layers, bottom to top (docs/layout.md): a module imports only from lower layers.
+BARK_LAYERS = [
+    {"bark.config", "bark.kv_cache", "bark.text", "bark.wav", "bark.hub"},
+    {"bark.codec", "bark.layers", "bark.session", "bark.processor"},
+    {"bark.loading", "bark.model_causal", "bark.model_fine", "bark.generation"},
+    {"bark.model", "bark.offload", "bark.voice"},
+    {"bark.longform"},
+    {"bark", "bark.cli_progress", "bark.cli_setup"},
+    {"bark.cli_longform"},
+    {"bark.cli"},
+]
+
+
+@pytest.fixture(scope="module")
+def import_graph():
+    spec = importlib.util.spec_from_file_location("import_graph", ROOT / "scripts" / "import_graph.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("import_graph", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_no_cycle_and_no_arrow_from_the_kernel_library_to_the_model(import_graph):
+    edges = import_graph.graph(ROOT)
+    assert "bark_kernels.registry" in edges and "bark.model" in edges and len(edges) > 30
+    assert import_graph.cycles(edges) == []
+    assert import_graph.upward(edges) == []
+
+
+def test_bark_modules_import_only_from_lower_layers(import_graph):
+    edges = import_graph.graph(ROOT)
+    rank = {name: i for i, layer in enumerate(BARK_LAYERS) for name in layer}
+    bark_modules = {name for name in edges if name.split(".")[0] == "bark"}
+    assert bark_modules == set(rank), "a bark module is missing from the layer table (or the table names a gone one)"
+    wrong = [(a, b) for a in sorted(bark_modules) for b in sorted(edges[a])
+             if b in rank and rank[b] >= rank[a]]
+    assert wrong == [], f"imports that do not point down: {wrong}"
+    assert {b for b in edges["bark.config"] if b.startswith("bark")} == set(), "bark.config must be a leaf"
+
+
+def test_the_checker_finds_cycles_and_upward_arrows(import_graph):
+    """The check can fail: a made-up graph with a three-module cycle and an arrow up."""
+    edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "bark_kernels.x": {"bark.y"}, "bark.y": set()}
+    assert import_graph.cycles(edges) == [["a", "b", "c"]]
+    assert import_graph.upward(edges) == [("bark_kernels.x", "bark.y")]
+    assert import_graph.cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_function_level_imports_count(import_graph, tmp_path):
+    """An import inside a function is an edge like any other (it would otherwise hide a cycle)."""
+    for package in ("bark", "bark_kernels"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "bark" / "m.py").write_text("def f():\n    from . import n\n")
+    (tmp_path / "bark" / "n.py").write_text("from .m import f\n")
+    (tmp_path / "bark_kernels" / "k.py").write_text("def g():\n    import bark.m\n")
+    edges = import_graph.graph(tmp_path)
+    assert edges["bark.m"] == {"bark.n"} and edges["bark.n"] == {"bark.m"}
+    assert import_graph.cycles(edges) == [["bark.m", "bark.n"]]
+    assert import_graph.upward(edges) == [("bark_kernels.k", "bark.m")]
