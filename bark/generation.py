@@ -614,16 +614,25 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
     max_seqlen = min(longest_prompt + window - 1, coarse.config.block_size)
     window_info = _CoarseWindow(observer) if observer is not None else None
 
-    def build():
-        record = _TokenRecord(batch, window + _WARMUP_STEPS, 0, device)  # slack: warm-up steps write too
-        heads = [_CoarseHead(coarse, record, bounds[n], params, generator, window_info) for n in range(n_codebooks)]
-        return DecodeSession(coarse, batch, max_seqlen, heads, decode_mode, generators=[generator]), record
+    # A CPU, greedy: each window runs only the rows that have one (a session of that many rows). A batch-8 step on a
+    # CPU costs several batch-1 steps (the small-M matrix multiplies, every row's keys/values), so a long row left
+    # alone must not drag 7 masked rows along. Sampling keeps the whole batch (one random stream per batch, as
+    # transformers); so do devices (one static batch, one CUDA graph per variant).
+    compact = observer is None and not params.do_sample and resolve_mode(decode_mode, device) == "eager" \
+        and device.type == "cpu"
 
-    if observer is not None:
-        session, record = build()
-    else:
-        key = ("coarse", batch, max_seqlen, window, tuple(bounds), params, decode_mode, coarse.attn_backend, generator)
-        session, record = pooled(coarse, key, build)
+    def session_for(rows: int):
+        def build():
+            record = _TokenRecord(rows, window + _WARMUP_STEPS, 0, device)  # slack: warm-up steps write too
+            heads = [_CoarseHead(coarse, record, bounds[n], params, generator, window_info)
+                     for n in range(n_codebooks)]
+            return DecodeSession(coarse, rows, max_seqlen, heads, decode_mode, generators=[generator]), record
+
+        if observer is not None:
+            return build()
+        key = ("coarse", rows, max_seqlen, window, tuple(bounds), params, decode_mode, coarse.attn_backend, generator)
+        return pooled(coarse, key, build)
+
     events.start("coarse", total=max(lengths), rows=batch)
     total = 0
     steps_done = 0
@@ -631,8 +640,10 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
         active = [b for b, n in enumerate(lengths) if n > total]
         if not active:
             break
+        rows = active if compact else list(range(batch))  # the session's rows (batch row of each)
+        session, record = session_for(len(rows))
         inputs = []
-        for b in range(batch):
+        for b in rows:
             if b not in active:
                 inputs.append(infer)  # a masked row: one position, its tokens ignored
                 continue
@@ -640,7 +651,7 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
             win = streams[b][max(0, idx - max_sem_hist):][: cfg.max_coarse_input_length]
             win = F.pad(win, (0, cfg.max_coarse_input_length - win.shape[0]), value=cfg.coarse_semantic_pad_token)
             inputs.append(torch.cat([win, infer, x_coarse[b][-cfg.max_coarse_history:]]))
-        need = [min(window, lengths[b] - total) if b in active else 0 for b in range(batch)]
+        need = [min(window, lengths[b] - total) if b in active else 0 for b in rows]  # per session row
         in_lens = [x.shape[0] for x in inputs]
         steps = max(need)
         if max(in_lens) + steps - 1 > max_seqlen:
@@ -654,21 +665,22 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
             session.prefill(coarse.embed(torch.stack(inputs)))  # (B, T, C)
         else:
             session.prefill([coarse.embed(x) for x in inputs])
-        if observer is None and len(active) < batch:
-            session.set_live(active)  # rows with no window left: their one-position dummy prompt is never read
-        live = active
+        live = [i for i, n in enumerate(need) if n > 0]
+        if observer is None and len(live) < len(rows):
+            session.set_live(live)  # rows with no window left: their one-position dummy prompt is never read
         for step in range(1, steps):
             if observer is None and session.host_lengths:  # rows whose window is complete need no attention
-                now = [b for b in live if need[b] > step]
+                now = [i for i in live if need[i] > step]
                 if now != live:
                     live = now
                     session.set_live(live)
             session.step(step % n_codebooks)
         steps_done += steps
-        for b in active:
-            new = record.tokens[b, : need[b]].clone()
-            generated[b].append(new)
-            x_coarse[b] = torch.cat([x_coarse[b], new])
+        for i, b in enumerate(rows):
+            if need[i]:
+                new = record.tokens[i, : need[i]].clone()
+                generated[b].append(new)
+                x_coarse[b] = torch.cat([x_coarse[b], new])
         total += window
         events.progress("coarse", min(total, max(lengths)))
     out = [torch.cat(g) if g else torch.zeros(0, dtype=torch.long, device=device) for g in generated]
