@@ -160,6 +160,37 @@ class BarkCausalModel(nn.Module):
         last = cu_seqlens[1:].long() - 1  # (B,) packed index of each row's last position
         return self.layernorm_final(hidden.index_select(0, last))  # (B, C)
 
+    def prefill_rows(self, input_embeds: Sequence[torch.Tensor], cache: KVCache) -> torch.Tensor:
+        """Rows prefilled one at a time, each as :meth:`prefill` of that row alone (batch 1, dense causal attention):
+        input_embeds[b] (T_b, C) -> final-normed hidden of each row's last position (B, C); keys/values of row b go
+        to cache rows 0..T_b-1 and its length becomes T_b. What a CPU runs (bark.session): a batched prefill is
+        compute-bound and slower there than its rows one by one, and a packed ragged one pads every row to the
+        longest."""
+        lengths = [int(e.shape[0]) for e in input_embeds]
+        if cache.batch != len(lengths):
+            raise ValueError(f"cache: expected batch {len(lengths)} (one row per input), got {cache.batch}")
+        if min(lengths) < 1:
+            raise ValueError(f"input_embeds: every row needs at least one position, got lengths {lengths}")
+        self._check_positions(max(lengths))
+        if max(lengths) > cache.max_seqlen:
+            raise ValueError(f"cache: {max(lengths)} positions cannot fit max_seqlen {cache.max_seqlen}")
+        backend = self.attn_backend
+        last = []
+        for row, embeds in enumerate(input_embeds):
+            seqlen = lengths[row]
+            positions = torch.arange(seqlen, device=embeds.device)
+            hidden = embeds[None] + self.position_embeds_layer(positions)[None]  # (1, T_b, C)
+
+            def attend(q, k, v, layer_idx, row=row, seqlen=seqlen):  # (1, T_b, H, D)
+                k_cache, v_cache = cache.layer(layer_idx)  # (B, S_max, H, D)
+                k_cache[row, :seqlen].copy_(k[0])
+                v_cache[row, :seqlen].copy_(v[0])
+                return bk.attention(q, k, v, causal=True, backend=backend)
+
+            last.append(self._run_layers(hidden, attend)[0, -1])  # (C,)
+        cache.set_lengths(lengths)
+        return self.layernorm_final(torch.stack(last))  # (B, C)
+
     # -- decode -------------------------------------------------------------------------------------------------------
 
     def decode_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -17,8 +17,12 @@ Bark's causal sub-models (semantic or coarse), prepared once:
 How a step runs (``mode``):
 
 * ``"eager"``: the step function called from Python. On a CPU with the ``sdpa`` backend the session attends with
-  host-known lengths (the cache sliced to the used positions, one mask per step shared by every layer instead of one
-  per layer, none when all rows have the same length);
+  host-known lengths: rows of equal length attend together to the used prefix of the cache; otherwise each row
+  attends alone to its own prefix (no mask), and rows whose tokens are not needed (``set_live``) not at all. Prompts
+  are prefilled one row at a time. On a CPU the compute-bound prefill and the memory-bound reads of the cached keys
+  and values gain nothing from a batch (a batch of 8 prefills slower than 8 rows one by one: the activations leave
+  the cache), so only the weight reads of a step are shared; and each row's attention is then the very call it gets
+  when decoded alone;
 * ``"graph"`` (CUDA): each variant is warmed up (every Triton kernel compiled) and captured once as a CUDA graph, then
   replayed: one launch per step;
 * ``"compile"``: the step through ``torch.compile(fullgraph=True)``, and on CUDA captured as a graph after that;
@@ -103,6 +107,7 @@ class DecodeSession:
         self.host_lengths = self.device.type == "cpu" and self.backend == "sdpa" and self.mode == "eager"
         self._attend = self._attend_host if self.host_lengths else self._attend_device
         self._host_ctx: tuple | None = None
+        self._live: list[int] | None = None  # host mode: the rows whose next tokens are used (None: every row)
         self._runners: dict[int, Callable[[], None]] = {}
         self._graph_pool = None
         self.compile_backend = compile_backend
@@ -116,35 +121,47 @@ class DecodeSession:
         return self._op(q, self._k_layers[layer], self._v_layers[layer], k, v, self.cache.seqlens, True,
                         self.softmax_scale)
 
+    def set_live(self, rows: Sequence[int] | None) -> None:
+        """Host mode only: the rows whose next tokens will be used (None: all). The others (semantic rows that ended,
+        coarse rows whose window is complete or that have no window) skip attention until the next prefill: their
+        keys/values are not appended and their tokens are garbage, which the stages throw away (pad, or never read).
+        On a CPU a decode step reads every row's cached keys/values from memory, so a row that is only kept for the
+        static batch would cost as much as a live one. Elsewhere (static shapes, device lengths) nothing changes."""
+        self._live = None if rows is None or len(rows) == self.batch else sorted(int(r) for r in rows)
+
     def _prepare_host_step(self) -> None:
-        """Once per step (host mode): where each row appends and what it may see, shared by every layer."""
+        """Once per step (host mode): where each row appends and what it may see, shared by every layer. Rows of
+        equal length, all live: one batched attention; otherwise each live row attends alone to its own prefix
+        (no mask, no keys past it, nothing for rows that are not live: the same call as that row decoded alone)."""
         lengths = self.cache.host_seqlens
         longest = max(lengths)
-        if min(lengths) == longest:
-            self._host_ctx = (longest, None, None, None)
+        if self._live is None and min(lengths) == longest:
+            self._host_ctx = (longest, None)
             return
-        rows = torch.arange(self.batch)
-        pos = torch.tensor(lengths, dtype=torch.long)
-        used = longest + 1
-        mask = (torch.arange(used)[None, :] <= pos[:, None]).view(self.batch, 1, 1, used)  # (B, 1, 1, used)
-        self._host_ctx = (None, rows, pos, mask)
+        live = list(range(self.batch)) if self._live is None else self._live
+        self._host_ctx = (None, [(b, lengths[b] + 1) for b in live])
 
     def _attend_host(self, q, k, v, layer: int) -> torch.Tensor:
         """CPU + sdpa: append at host-known positions and attend to the used prefix of the cache only."""
-        uniform, rows, pos, mask = self._host_ctx
+        uniform, per_row = self._host_ctx
         k_cache, v_cache = self._k_layers[layer], self._v_layers[layer]
         if uniform is not None:
             k_cache[:, uniform] = k[:, 0]  # (B, H, D)
             v_cache[:, uniform] = v[:, 0]
             used = uniform + 1
-        else:
-            k_cache[rows, pos] = k[:, 0]
-            v_cache[rows, pos] = v[:, 0]
-            used = mask.shape[-1]
-        keys = k_cache[:, :used].transpose(1, 2)  # (B, H, used, D)
-        values = v_cache[:, :used].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                             scale=self.softmax_scale)  # (B, H, 1, D)
+            keys = k_cache[:, :used].transpose(1, 2)  # (B, H, used, D)
+            values = v_cache[:, :used].transpose(1, 2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
+                                                 scale=self.softmax_scale)  # (B, H, 1, D)
+            return out.transpose(1, 2)  # (B, 1, H, D)
+        out = q.new_zeros(q.shape[0], q.shape[2], 1, q.shape[3])  # (B, H, 1, D): rows not live stay 0
+        for b, used in per_row:
+            k_cache[b, used - 1] = k[b, 0]  # (H, D)
+            v_cache[b, used - 1] = v[b, 0]
+            keys = k_cache[b:b + 1, :used].transpose(1, 2)  # (1, H, used, D)
+            values = v_cache[b:b + 1, :used].transpose(1, 2)
+            out[b:b + 1] = F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), keys, values,
+                                                          scale=self.softmax_scale)  # (1, H, 1, D)
         return out.transpose(1, 2)  # (B, 1, H, D)
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -178,7 +195,10 @@ class DecodeSession:
         if self.mode != "eager" and not self._runners:
             self.prepare()
         m = self.model
-        if isinstance(input_embeds, torch.Tensor):
+        self._live = None
+        if self.host_lengths:  # CPU: one row at a time (module docstring)
+            hidden = m.prefill_rows(list(input_embeds), self.cache)
+        elif isinstance(input_embeds, torch.Tensor):
             hidden = m.prefill(input_embeds, self.cache)
         else:
             hidden = m.prefill_varlen(list(input_embeds), self.cache)
@@ -329,6 +349,10 @@ class FinePasses:
         self.window = torch.full((batch, win, n_codes), fill, dtype=torch.long, device=self.device)
         self.keep = torch.ones(batch, win, dtype=torch.bool, device=self.device)
         self.codebook_size = codebook_size
+        # a CPU runs each row's pass alone, and only for ``rows`` (those with a window this time): batched passes are
+        # compute-bound there and slower than their rows one by one (bark.session's module docstring)
+        self.per_row = self.device.type == "cpu" and self.mode == "eager"
+        self.rows: Sequence[int] = range(batch)
         self.fallback: str | None = None
         self._runners: dict[int, Callable[[], None]] = {}
         if self.mode == "graph":
@@ -353,7 +377,13 @@ class FinePasses:
             preds = torch.argmax(fine.lm_logits(n, hidden, cb), dim=-1)  # (B, win)
             window[:, :, n] = torch.where(keep, window[:, :, n], preds)
 
-        return run
+        def run_rows() -> None:
+            for b in self.rows:
+                hidden = fine.hidden_states(n, window[b:b + 1])  # (1, win, C)
+                preds = torch.argmax(fine.lm_logits(n, hidden, cb), dim=-1)  # (1, win)
+                window[b, :, n] = torch.where(keep[b], window[b, :, n], preds[0])
+
+        return run_rows if self.per_row else run
 
     @torch.no_grad()
     def run(self, n: int) -> None:

@@ -85,8 +85,18 @@ def _assert_piece_equals_alone(model, processor, piece, history):
         assert rel_err(torch.from_numpy(piece.audio), torch.from_numpy(audio)) <= RTOL
 
 
-def test_long_text_is_one_recording_of_pieces_equal_to_each_alone(tiny):
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_long_text_is_one_recording_of_pieces_equal_to_each_alone(tiny, backend):
+    """sdpa on a CPU runs the host-lengths decode (rows prefilled one by one, finished rows skip attention)."""
     _, model, processor = tiny
+    model.attn_implementation = backend
+    try:
+        _long_text_equals_alone(model, processor)
+    finally:
+        model.attn_implementation = "eager"
+
+
+def _long_text_equals_alone(model, processor):
     count = lambda s: len(processor.tokenizer.encode(s, add_special_tokens=False).ids)  # noqa: E731
     assert count(TEXT) > 256 and count(SENTENCES[5]) > 256
     voice = _voice()

@@ -147,6 +147,37 @@ def test_host_lengths_path_equals_the_device_path(model):
     assert torch.equal(out[True], out[False])
 
 
+def test_rows_not_live_skip_attention_and_live_rows_are_unchanged(model):
+    """Host mode: rows left out by set_live get no attention (their tokens are garbage, thrown away by the stages);
+    the live rows' tokens are those of a run where every row is live. Prefill is row by row, as each row alone."""
+    semantic = model.semantic
+    try:
+        tokens = {}
+        for live in (None, [0, 2]):
+            session, record, embeds = _semantic_session(model, 3, "eager", "sdpa")
+            assert session.host_lengths
+            session.prefill(embeds)
+            session.set_live(live)
+            for _ in range(5):
+                session.step()
+            tokens[live is None] = record.tokens.clone()
+            assert session.cache.host_seqlens == [14] * 3
+        assert torch.equal(tokens[True][[0, 2]], tokens[False][[0, 2]])
+        cache = semantic.new_cache(2, 12)
+        ragged = [torch.randn(n, semantic.config.hidden_size, generator=torch.Generator().manual_seed(n))
+                  for n in (5, 9)]
+        rows = semantic.prefill_rows(ragged, cache)
+        assert cache.host_seqlens == [5, 9]
+        for b, e in enumerate(ragged):
+            alone = semantic.new_cache(1, 12)
+            assert torch.equal(rows[b], semantic.prefill(e[None], alone)[0])
+            n = e.shape[0]
+            assert torch.equal(cache.k[:, b, :n], alone.k[:, 0, :n])
+            assert torch.equal(cache.v[:, b, :n], alone.v[:, 0, :n])
+    finally:
+        semantic.attn_backend = "eager"
+
+
 def test_modes_and_their_errors(model):
     assert bark_session.resolve_mode("auto", torch.device("cpu")) == "eager"
     assert bark_session.resolve_mode("compile", torch.device("cpu")) == "compile"
