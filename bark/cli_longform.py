@@ -288,8 +288,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  attention   {backend_report(model, device, dtype)}")
     noise = "  [random model: noise]" if loaded.random else ""
     if appender is not None:
-        print(f"wrote {args.output}  ({file_samples} samples, {file_samples / sample_rate:.2f} s with "
-              f"{pause:g} s pauses, {n_pieces} pieces, {sample_rate} Hz, 16-bit mono){noise}")
+        joined = (f"{n_pieces} pieces with {pause:g} s pauses" if n_pieces != 1 else "1 piece")
+        print(f"wrote {args.output}  ({file_samples} samples, {file_samples / sample_rate:.2f} s, {joined}, "
+              f"{sample_rate} Hz, 16-bit mono){noise}")
     else:
         for path, n in written_files:
             print(f"wrote {path}  ({n} samples, {n / sample_rate:.2f} s, {sample_rate} Hz, 16-bit mono){noise}")
