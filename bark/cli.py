@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 
@@ -51,10 +50,13 @@ from .cli_setup import (
     SpeakError,
     check_flags,
     check_output_path,
+    check_voice_file,
+    generate_kwargs,
     load_model,
     output_paths,
     plan,
     positive_int,
+    print_model,
     read_texts,
     resolve_device_and_dtype,
     seed_int,
@@ -188,8 +190,7 @@ def _run(args: argparse.Namespace) -> int:
     check_flags(args, outputs)
     for path in outputs:
         check_output_path(path)
-    if args.voice is not None and args.voice.endswith(".npz") and not os.path.isfile(args.voice):
-        raise SpeakError(f"--voice: {args.voice!r} does not exist")
+    check_voice_file(args.voice)
 
     import torch
 
@@ -210,24 +211,12 @@ def _run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     history_prompt = setup.history_prompt
 
-    gen_kwargs: dict = {"do_sample": not args.greedy}
-    if args.temperature is not None:
-        gen_kwargs["semantic_temperature"] = args.temperature
-        gen_kwargs["coarse_temperature"] = args.temperature
+    gen_kwargs = generate_kwargs(args, setup)
     max_new = setup.max_new_tokens
-    if max_new is not None:
-        gen_kwargs["semantic_max_new_tokens"] = max_new
     semantic_total = max_new if max_new is not None else model.generation_config.semantic_config.max_new_tokens
     sample_rate = int(model.sampling_rate)
 
-    print(f"model:  {loaded.source}  [{device}, {str(dtype).replace('torch.', '')}, attn={args.attn}]", flush=True)
-    if loaded.random:
-        print(
-            f"NOTE: this model is randomly initialised, so the audio is NOISE, not speech; text is encoded as bytes "
-            f"(no tokenizer) and semantic_max_new_tokens defaults to {RANDOM_MODEL_SEMANTIC_MAX_NEW_TOKENS} to keep "
-            f"the run short. Pass --model suno/bark-small (downloaded once) for real speech.",
-            flush=True,
-        )
+    print_model(loaded, device, dtype, args.attn)
     if threads_note:
         print(threads_note, flush=True)
     mode = "greedy" if args.greedy else f"sampling (seed {args.seed})"

@@ -109,11 +109,7 @@ def _check_save_voice(path: str | None) -> None:
         return
     if os.path.isdir(path):
         raise SpeakError(f"--save-voice: {path!r} is a directory; expected a file path such as voice.npz")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise SpeakError(f"--save-voice: the directory {parent!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise SpeakError(f"--save-voice: the directory {parent!r} is not writable")
+    setup.check_parent_directory("--save-voice", path)
 
 
 class _Progress:
@@ -160,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
     _check_save_voice(args.save_voice)
     if args.save_voice is not None and os.path.realpath(args.save_voice) == os.path.realpath(args.output):
         raise SpeakError(f"--save-voice {args.save_voice!r} is the --output path; choose another path")
-    if args.voice is not None and args.voice.endswith(".npz") and not os.path.isfile(args.voice):
-        raise SpeakError(f"--voice: {args.voice!r} does not exist")
+    setup.check_voice_file(args.voice)
 
     device, dtype = setup.resolve_device_and_dtype(args)
     plan = setup.plan(args, [], device, dtype)  # no 256-byte warning: the text is split into pieces Bark reads whole
@@ -181,13 +176,8 @@ def run(args: argparse.Namespace) -> int:
     history_prompt = plan.history_prompt
     encoder = plan.processor if plan.processor is not None else ByteTextEncoder()
 
-    gen_kwargs: dict = {"do_sample": not args.greedy}
-    if args.temperature is not None:
-        gen_kwargs["semantic_temperature"] = args.temperature
-        gen_kwargs["coarse_temperature"] = args.temperature
+    gen_kwargs = setup.generate_kwargs(args, plan)
     max_new = plan.max_new_tokens
-    if max_new is not None:
-        gen_kwargs["semantic_max_new_tokens"] = max_new
     semantic_total = max_new if max_new is not None else model.generation_config.semantic_config.max_new_tokens
     sample_rate = int(model.sampling_rate)
     pause = DEFAULT_PAUSE if args.pause is None else args.pause
@@ -209,11 +199,7 @@ def run(args: argparse.Namespace) -> int:
     for path in outputs:
         setup.check_output_path(path)
 
-    print(f"model:  {loaded.source}  [{device}, {str(dtype).replace('torch.', '')}, attn={args.attn}]", flush=True)
-    if loaded.random:
-        print(f"NOTE: this model is randomly initialised, so the audio is NOISE, not speech; text is encoded as bytes "
-              f"(no tokenizer) and semantic_max_new_tokens defaults to {setup.RANDOM_MODEL_SEMANTIC_MAX_NEW_TOKENS} to "
-              f"keep the run short. Pass --model suno/bark-small (downloaded once) for real speech.", flush=True)
+    setup.print_model(loaded, device, dtype, args.attn)
     for note in (threads_note, offload_note):
         if note:
             print(note, flush=True)

@@ -24,8 +24,9 @@ from .model import BarkModel
 from .processor import BarkProcessor, load_voice_preset_npz, validate_voice_preset
 from .wav import remove_quietly, write_wav_temp
 
-__all__ = ["SpeakError", "Plan", "Loaded", "plan", "load_model", "check_output_path", "output_paths", "read_texts",
-           "check_flags", "resolve_device_and_dtype", "set_threads", "write_outputs"]
+__all__ = ["SpeakError", "Plan", "Loaded", "plan", "load_model", "check_output_path", "check_parent_directory",
+           "check_voice_file", "output_paths", "read_texts", "check_flags", "resolve_device_and_dtype", "set_threads",
+           "write_outputs", "generate_kwargs", "print_model"]
 
 DEFAULT_REPO = "suno/bark-small"
 RANDOM_MODEL = "random"
@@ -119,6 +120,22 @@ def output_paths(output: str, count: int) -> list[str]:
     return [f"{stem}_{i:03d}{ext or '.wav'}" for i in range(count)]
 
 
+def check_parent_directory(flag: str, path: str) -> str:
+    """The directory a file ``path`` goes in exists and is writable; returns it."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise SpeakError(f"{flag}: the directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise SpeakError(f"{flag}: the directory {parent!r} is not writable")
+    return parent
+
+
+def check_voice_file(voice: str | None) -> None:
+    """A --voice that names an .npz file names one that exists (a preset name is checked with the checkpoint)."""
+    if voice is not None and voice.endswith(".npz") and not os.path.isfile(voice):
+        raise SpeakError(f"--voice: {voice!r} does not exist")
+
+
 def check_output_path(path: str) -> None:
     """Everything that would stop the WAV from being written, found before any work: a directory (also a path ending
     in a separator, existing or not), a missing or unwritable directory, an existing file that cannot be replaced."""
@@ -129,11 +146,7 @@ def check_output_path(path: str) -> None:
                          f"path such as {os.path.join(path, 'out.wav')!r}")
     if os.path.isdir(path):
         raise SpeakError(f"--output: {path!r} is a directory; expected a file path such as out.wav")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise SpeakError(f"--output: the directory {parent!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise SpeakError(f"--output: the directory {parent!r} is not writable")
+    parent = check_parent_directory("--output", path)
     if os.path.lexists(path):
         if not os.path.isfile(path):
             raise SpeakError(f"--output: {path!r} exists and is not a regular file (a broken link, a pipe, a device?); "
@@ -230,18 +243,6 @@ def set_threads(threads: int | None, device) -> str | None:
             f"pass --threads N to choose"
         )
     return None
-
-
-def _hub_cached(repo_id: str) -> bool:
-    """True when repo_id's config.json is in the local Hugging Face cache (no network access)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # a malformed cache must not stop the random-model fallback
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -402,3 +403,22 @@ def load_voice(processor, voice: str | None, config):
     return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
 
 
+def generate_kwargs(args, plan: Plan) -> dict:
+    """generate's keyword arguments from the options: sampling or greedy, the temperature of the semantic and coarse
+    stages, the semantic token cap."""
+    kwargs: dict = {"do_sample": not args.greedy}
+    if args.temperature is not None:
+        kwargs["semantic_temperature"] = args.temperature
+        kwargs["coarse_temperature"] = args.temperature
+    if plan.max_new_tokens is not None:
+        kwargs["semantic_max_new_tokens"] = plan.max_new_tokens
+    return kwargs
+
+
+def print_model(loaded: Loaded, device, dtype, attn: str) -> None:
+    """The model line, and for the built-in random model the plain warning that its audio is noise."""
+    print(f"model:  {loaded.source}  [{device}, {str(dtype).replace('torch.', '')}, attn={attn}]", flush=True)
+    if loaded.random:
+        print(f"NOTE: this model is randomly initialised, so the audio is NOISE, not speech; text is encoded as bytes "
+              f"(no tokenizer) and semantic_max_new_tokens defaults to {RANDOM_MODEL_SEMANTIC_MAX_NEW_TOKENS} to keep "
+              f"the run short. Pass --model suno/bark-small (downloaded once) for real speech.", flush=True)

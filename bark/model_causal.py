@@ -124,19 +124,24 @@ class BarkCausalModel(nn.Module):
         cache.set_lengths([seqlen] * batch)
         return self.layernorm_final(hidden[:, -1])  # (B, C)
 
-    def prefill_varlen(self, input_embeds: Sequence[torch.Tensor], cache: KVCache) -> torch.Tensor:
-        """Ragged rows, each starting at position 0: input_embeds[b] (T_b, C) -> final-normed hidden of each row's
-        last position (B, C). Packed without padding through ``bk.attention_varlen``; keys/values of row b go to
-        cache rows 0..T_b-1 and its length becomes T_b."""
+    def _ragged_lengths(self, input_embeds: Sequence[torch.Tensor], cache: KVCache) -> list[int]:
+        """Each ragged row's length, checked: one cache row per input, at least one position each, all within the
+        model's positions and the cache."""
         lengths = [int(e.shape[0]) for e in input_embeds]
-        batch = len(lengths)
-        if cache.batch != batch:
-            raise ValueError(f"cache: expected batch {batch} (one row per input), got {cache.batch}")
+        if cache.batch != len(lengths):
+            raise ValueError(f"cache: expected batch {len(lengths)} (one row per input), got {cache.batch}")
         if min(lengths) < 1:
             raise ValueError(f"input_embeds: every row needs at least one position, got lengths {lengths}")
         self._check_positions(max(lengths))
         if max(lengths) > cache.max_seqlen:
             raise ValueError(f"cache: {max(lengths)} positions cannot fit max_seqlen {cache.max_seqlen}")
+        return lengths
+
+    def prefill_varlen(self, input_embeds: Sequence[torch.Tensor], cache: KVCache) -> torch.Tensor:
+        """Ragged rows, each starting at position 0: input_embeds[b] (T_b, C) -> final-normed hidden of each row's
+        last position (B, C). Packed without padding through ``bk.attention_varlen``; keys/values of row b go to
+        cache rows 0..T_b-1 and its length becomes T_b."""
+        lengths = self._ragged_lengths(input_embeds, cache)
         device = input_embeds[0].device
         positions = torch.cat([torch.arange(n, device=device) for n in lengths])  # (total,)
         rows = torch.cat([torch.full((n,), b, device=device, dtype=torch.long) for b, n in enumerate(lengths)])
@@ -166,14 +171,7 @@ class BarkCausalModel(nn.Module):
         to cache rows 0..T_b-1 and its length becomes T_b. What a CPU runs (bark.session): a batched prefill is
         compute-bound and slower there than its rows one by one, and a packed ragged one pads every row to the
         longest."""
-        lengths = [int(e.shape[0]) for e in input_embeds]
-        if cache.batch != len(lengths):
-            raise ValueError(f"cache: expected batch {len(lengths)} (one row per input), got {cache.batch}")
-        if min(lengths) < 1:
-            raise ValueError(f"input_embeds: every row needs at least one position, got lengths {lengths}")
-        self._check_positions(max(lengths))
-        if max(lengths) > cache.max_seqlen:
-            raise ValueError(f"cache: {max(lengths)} positions cannot fit max_seqlen {cache.max_seqlen}")
+        lengths = self._ragged_lengths(input_embeds, cache)
         backend = self.attn_backend
         last = []
         for row, embeds in enumerate(input_embeds):
