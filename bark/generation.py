@@ -1010,11 +1010,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     run: "auto", "eager", "graph" (CUDA graphs) or "compile"; see bark.session); ``callback`` (called with a
     :class:`StageEvent` at each stage's start, progress points and end).
     """
-    _check_inputs(input_ids, attention_mask, sync_every, decode_mode, callback)
-    events = _Events(callback, model.device)
+    events = _Events(callback, model.device)  # the same events reach decode_audio below
     out = generate_tokens(model, input_ids, attention_mask=attention_mask, history_prompt=history_prompt,
-                          sync_every=sync_every, generator=generator, decode_mode=decode_mode, events=events,
-                          **kwargs)
+                          sync_every=sync_every, generator=generator, decode_mode=decode_mode, callback=callback,
+                          events=events, **kwargs)  # every check of the arguments runs there
     audio, lengths = decode_audio(model, out["fine"], events)
     if return_output_lengths:
         return audio, lengths
