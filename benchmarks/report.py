@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .targets import TARGETS
+
 SCHEMA = "bark-kernels-benchmarks/1"
 
 
@@ -257,8 +259,6 @@ MEASURES = {"prefill_triton_vs_flash_fp16": _prefill_triton_vs_flash_fp16,
 def targets(payload: dict, table: list[dict] | None = None) -> list[dict]:
     """Each goal of benchmarks/targets.py for this run's device, with the figure of this run that measures it (or
     why it is not measured)."""
-    from .targets import TARGETS
-
     kernels = [r for r in payload.get("kernels", []) if r.get("status") == "ok"]
     runs = [r for r in payload.get("e2e", {}).get("runs", []) if r.get("status") == "ok"]
     device = payload["environment"]["device_type"]
