@@ -13,6 +13,12 @@ Text of any length in one voice (split into sentences, generated in ragged batch
     audio = bark.synthesize(model, long_text, processor=processor, voice="v2/en_speaker_6")   # float32, 24 kHz
     for piece in bark.stream(model, long_text, processor=processor):                          # piece by piece
         ...
+
+One model, many callers (bark.engine): requests in, pieces out, batched across callers::
+
+    engine = bark.Engine(model, processor, max_batch=8)
+    for piece in engine.submit(bark.SpeechRequest(long_text, voice="v2/en_speaker_6")):
+        ...
 """
 
 from .config import (
@@ -25,6 +31,7 @@ from .config import (
     bark_small_config,
 )
 from .generation import StageEvent
+from .engine import Engine, EngineClosedError, QueueFullError, RequestCancelled, RequestHandle, SpeechRequest
 from .longform import SpeechPiece, stream, synthesize
 from .model import BarkModel
 
@@ -58,4 +65,10 @@ __all__ = [
     "synthesize",
     "stream",
     "SpeechPiece",
+    "Engine",
+    "SpeechRequest",
+    "RequestHandle",
+    "QueueFullError",
+    "EngineClosedError",
+    "RequestCancelled",
 ]

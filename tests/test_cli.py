@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bark import cli
+from bark.cli import speak as cli
 from bark.cli import add_speak_parser, speak_main, write_wav_atomic
 
 pytest.importorskip("transformers")

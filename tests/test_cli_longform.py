@@ -1,4 +1,4 @@
-"""``bark-kernels speak`` with a long text (bark.cli_longform): one WAV of every piece, written as pieces finish and
+"""``bark-kernels speak`` with a long text (bark.cli.longform): one WAV of every piece, written as pieces finish and
 valid when the run is interrupted; --wav-per-piece, --save-voice, --offload, --continuity; argument errors."""
 
 from __future__ import annotations

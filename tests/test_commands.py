@@ -30,7 +30,8 @@ def _declared() -> dict:
 def test_pyproject_registers_speak_of_the_model_package():
     import bark.cli
 
-    assert _declared() == {"speak": "bark.cli:speak_main"}
+    assert _declared() == {"speak": "bark.cli:speak_main", "batch": "bark.cli.batch:batch_main",
+                           "serve": "bark.cli.serve:serve_main"}
     assert _entry(_declared()["speak"]).load() is bark.cli.speak_main
 
 

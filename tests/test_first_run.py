@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from bark import cli
-from bark.cli_progress import StageMonitor
+from bark.cli import speak as cli
+from bark.cli.progress import StageMonitor
 from bark.generation import StageEvent
 
 ROOT = Path(__file__).resolve().parent.parent

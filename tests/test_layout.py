@@ -82,8 +82,10 @@ BARK_LAYERS = [
     {"bark.loading", "bark.model_causal", "bark.model_fine", "bark.generation"},
     {"bark.model", "bark.offload", "bark.voice"},
     {"bark.longform"},
-    {"bark", "bark.cli_progress", "bark.cli_setup"},
-    {"bark.cli_longform"},
+    {"bark.engine"},
+    {"bark", "bark.cli.progress", "bark.cli.setup"},
+    {"bark.cli.longform"},
+    {"bark.cli.speak"},
     {"bark.cli"},
 ]
 

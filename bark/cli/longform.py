@@ -22,13 +22,13 @@ import torch
 
 from bark_kernels import BackendUnavailableError
 
-from . import cli_setup as setup
-from .cli_progress import StageMonitor, backend_report, print_stage_summary
-from .cli_setup import SpeakError
-from .longform import CONTINUITY, DEFAULT_PAUSE, ByteTextEncoder, stream
-from .offload import offload_reason
-from .voice import save_voice
-from .wav import WavAppender, write_wav_atomic
+from . import setup
+from .progress import StageMonitor, backend_report, print_stage_summary
+from .setup import SpeakError
+from ..longform import CONTINUITY, DEFAULT_PAUSE, ByteTextEncoder, stream
+from ..offload import offload_reason
+from ..voice import save_voice
+from ..wav import WavAppender, write_wav_atomic
 
 __all__ = ["add_longform_arguments", "wanted", "run"]
 
@@ -147,7 +147,7 @@ class _Progress:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The long-text ``speak``; user errors raise bark.cli_setup.SpeakError, Ctrl-C returns 130 after saying what the WAV
+    """The long-text ``speak``; user errors raise bark.cli.setup.SpeakError, Ctrl-C returns 130 after saying what the WAV
     keeps."""
     # Everything that can be checked without the weights is checked first: a mistake costs no model load.
     text = _read_text(args)

@@ -1,7 +1,7 @@
 """What ``bark-kernels speak`` knows and checks before any weight is read, and how it loads the model: the options'
 value types, the output paths, the texts, the device and dtype, the thread count on a busy machine, the checkpoint's
 configuration, tokenizer and voice preset, the attention backend, the token cap; then the load itself and the final
-write of every WAV. Shared by the short-text path (bark.cli) and the long-text path (bark.cli_longform). User errors
+write of every WAV. Shared by the short-text path (bark.cli) and the long-text path (bark.cli.longform). User errors
 raise :class:`SpeakError` (one line, exit code 1).
 """
 
@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import config as bark_config
-from . import hub
-from .loading import load_config
-from .model import BarkModel
-from .processor import BarkProcessor, load_voice_preset_npz, validate_voice_preset
-from .wav import remove_quietly, write_wav_temp
+from .. import config as bark_config
+from .. import hub
+from ..loading import load_config
+from ..model import BarkModel
+from ..processor import BarkProcessor, load_voice_preset_npz, validate_voice_preset
+from ..wav import remove_quietly, write_wav_temp
 
 __all__ = ["SpeakError", "Plan", "Loaded", "plan", "load_model", "check_output_path", "check_parent_directory",
            "check_voice_file", "output_paths", "read_texts", "check_flags", "resolve_device_and_dtype", "set_threads",

@@ -8,7 +8,7 @@
         [--wav-per-piece] [--save-voice PATH.npz] [--offload]
 
 A text (the argument or ``--text-file``) of any length is spoken as one recording: split into sentences, generated
-``--batch-size`` pieces at a time and appended to the WAV as each piece is finished (bark.cli_longform).
+``--batch-size`` pieces at a time and appended to the WAV as each piece is finished (bark.cli.longform).
 ``--batch-file`` speaks each line as its own short text, one WAV per line (this module).
 
 Without ``--model`` it uses suno/bark-small when that is in the local Hugging Face cache; otherwise (a fresh machine,
@@ -39,9 +39,9 @@ import numpy as np
 
 from bark_kernels.cli import OneLineArgumentParser
 
-from . import cli_longform
-from .cli_progress import StageMonitor, backend_report, print_stage_summary
-from .cli_setup import (
+from . import longform as cli_longform
+from .progress import StageMonitor, backend_report, print_stage_summary
+from .setup import (
     ATTN_CHOICES,
     DEFAULT_REPO,
     DTYPE_CHOICES,
@@ -65,8 +65,8 @@ from .cli_setup import (
     threads_int,
     write_outputs,
 )
-from .longform import ByteTextEncoder
-from .wav import write_wav_atomic
+from ..longform import ByteTextEncoder
+from ..wav import write_wav_atomic
 
 __all__ = ["speak_main", "add_speak_parser", "build_speak_parser", "run_speak", "write_wav_atomic", "SpeakError"]
 
