@@ -201,10 +201,12 @@ class TokenChoices:
 Observer = Callable[[TokenChoices], None]
 
 
-def select_tokens(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
+def select_tokens(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+                  noise: torch.Tensor | None = None):
     """scores (B, V) float32 with -inf where not allowed -> next tokens (B,) long. No host sync.
 
-    transformers' order: temperature, top-k, top-p, log-softmax, then argmax or multinomial sampling.
+    transformers' order: temperature, top-k, top-p, log-softmax, then argmax or multinomial sampling. ``noise``: the
+    Exp(1) draws (B, V) of per-row random streams (:func:`row_exponentials`) to sample with instead of ``generator``.
     """
     if params.do_sample:
         if params.temperature is not None and params.temperature != 1.0:
@@ -222,27 +224,82 @@ def select_tokens(scores: torch.Tensor, params: SamplingParams, generator: torch
             scores = scores.masked_fill(remove, -float("inf"))
     scores = scores.log_softmax(dim=-1)
     if params.do_sample:
-        return sample_one(scores.softmax(dim=-1), generator)
+        return sample_one(scores.softmax(dim=-1), generator, noise)
     return torch.argmax(scores, dim=-1)
 
 
-def sample_one(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_one(probs: torch.Tensor, generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row: probs (B, V) -> (B,) long, the same draw as ``torch.multinomial(probs, 1, generator)``.
 
     On CPU that is torch.multinomial itself (it validates probs). On a device, torch.multinomial reads two checks
     back to the host (``.item()`` on "no inf/nan/negative" and "no all-zero row"): a sync per token. Its one-sample
     path is argmax(probs / q) with q ~ Exp(1) drawn by ``exponential_`` on a tensor like probs; doing that here
-    consumes the same random numbers and gives the same tokens, without the reads.
+    consumes the same random numbers and gives the same tokens, without the reads. With ``noise`` (Exp(1) draws
+    (B, V) of per-row streams, :func:`row_exponentials`) the race runs on those, on every device.
     """
+    if noise is not None:
+        return exponential_race(probs, noise=noise)
     if probs.device.type == "cpu":
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
     return exponential_race(probs, generator)
 
 
-def exponential_race(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """argmax(probs / q), q ~ Exp(1) (B, V): a draw from each row of probs (B, V) -> (B,) long, no host sync."""
-    q = torch.empty_like(probs).exponential_(1, generator=generator)  # (B, V)
+def exponential_race(probs: torch.Tensor, generator: torch.Generator | None = None,
+                     noise: torch.Tensor | None = None) -> torch.Tensor:
+    """argmax(probs / q), q ~ Exp(1) (..., V): a draw from each row of probs (..., V) -> (...,) long, no host sync.
+    q: ``noise`` when given, else drawn from ``generator``."""
+    q = noise if noise is not None else torch.empty_like(probs).exponential_(1, generator=generator)  # (..., V)
     return torch.argmax(probs / q, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# per-row random streams (row_seeds)
+
+_MASK32 = 0xFFFFFFFF
+_STAGE_STREAMS = {"semantic": 0x1B873593, "coarse": 0x2C1B3C6D, "fine": 0x297A2D39}  # one stream per stage
+MAX_ROW_SEED = 2**63 - 1
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply, 2 rounds) of int64 values in [0, 2**32) -> the same range. The
+    multiplier is below 2**27, so no product leaves int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def row_exponentials(seeds: torch.Tensor, stage: str, step: torch.Tensor | int, n: int) -> torch.Tensor:
+    """Exp(1) draws (B, n) float32 of per-row random streams: element (b, i) is a hash of (seeds[b], stage, step, i)
+    alone, so a row draws the same numbers whatever batch it is in and wherever (counter-based, as Philox: no
+    generator state). Computed on the device with integer ops: no host read, capturable in a CUDA graph, traceable
+    by torch.compile(fullgraph=True).
+
+    seeds: (B,) int64 >= 0; stage: "semantic", "coarse" or "fine"; step: the draw's counter (a device scalar or an
+    int >= 0: the token's position in its row); n: draws per row (the vocabulary, or positions x vocabulary)."""
+    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32  # (B,)
+    key = _mix32(lo ^ _mix32(hi ^ _STAGE_STREAMS[stage]))  # (B,)
+    key = _mix32(key ^ ((step * 0x2545F49) & _MASK32))  # (B,)
+    key2 = _mix32(key ^ 0x5BD1E995)  # (B,) a second word for the element round
+    index = torch.arange(n, device=seeds.device, dtype=torch.long)  # (n,)
+    bits = _mix32(_mix32(key[:, None] ^ index[None, :]) ^ key2[:, None])  # (B, n) uniform 32-bit words
+    uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # (B, n) in (0, 1), 24 bits
+    return -torch.log(uniform)  # (B, n) Exp(1)
+
+
+class _RowNoise:
+    """A head's per-row random streams: ``seeds`` (B,) int64 and ``offset`` (a device scalar added to the step
+    counter: the coarse window's start), both static device tensors written in place before each call/window (a
+    captured step keeps reading the same memory)."""
+
+    def __init__(self, batch: int, device) -> None:
+        self.seeds = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
+        self.offset = torch.zeros((), dtype=torch.long, device=device)
+
+    def draw(self, stage: str, step: torch.Tensor, n: int) -> torch.Tensor:
+        return row_exponentials(self.seeds, stage, step + self.offset, n)  # (B, n)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -375,7 +432,8 @@ class _SemanticHead:
     and updates the finished mask. Static shapes, no host read."""
 
     def __init__(self, semantic, record: _TokenRecord, gen: BarkGenerationConfig, params: SamplingParams,
-                 min_eos_p: float | None, min_new_tokens: int, generator, observer: Observer | None = None) -> None:
+                 min_eos_p: float | None, min_new_tokens: int, generator, observer: Observer | None = None,
+                 noise: _RowNoise | None = None) -> None:
         cfg = gen.semantic_config
         self.record = record
         self.model = semantic
@@ -389,7 +447,7 @@ class _SemanticHead:
         if self.pad > cfg.semantic_vocab_size:
             self.suppressed = torch.zeros(self.n_allowed, dtype=torch.bool, device=device)
             self.suppressed[cfg.semantic_vocab_size:self.pad] = True
-        self.params, self.generator = params, generator
+        self.params, self.generator, self.noise = params, generator, noise
         self.min_eos_p, self.min_new_tokens = min_eos_p, min_new_tokens
 
     @property
@@ -416,7 +474,10 @@ class _SemanticHead:
 
     def pick(self, scores: torch.Tensor) -> torch.Tensor:
         """scores (B, vocab) -> next tokens (B,): sampling/argmax, pad for finished rows, recorded."""
-        nxt = select_tokens(scores, self.params, self.generator)  # (B,)
+        noise = None
+        if self.noise is not None and self.params.do_sample:  # the token at column col of each row's stream
+            noise = self.noise.draw("semantic", self.record.col, scores.shape[-1])  # (B, vocab)
+        nxt = select_tokens(scores, self.params, self.generator, noise)  # (B,)
         if self.observer is not None:  # (host state touched only here: a compiled step must not read it)
             rows = torch.arange(nxt.shape[0], device=nxt.device)
             self.observer(TokenChoices("semantic", (self.step,), rows, torch.full_like(rows, self.step), scores, nxt,
@@ -441,8 +502,9 @@ def generate_semantic(model, input_embeds: torch.Tensor, gen: BarkGenerationConf
                       max_new_tokens: int, min_eos_p: float | None, sync_every: int = 16,
                       generator: torch.Generator | None = None, decode_mode: str = "auto",
                       events: _Events | None = None, min_new_tokens: int = 0,
-                      observer: Observer | None = None) -> list[torch.Tensor]:
-    """Semantic tokens of each row up to (excluding) its EOS: list of B long tensors (n_b,).
+                      observer: Observer | None = None, row_seeds: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Semantic tokens of each row up to (excluding) its EOS: list of B long tensors (n_b,). ``row_seeds`` (B,) int64:
+    sample row b from its own random stream (:func:`row_exponentials`) instead of ``generator``.
 
     One decode session for the whole stage: rows that reached EOS stay in the batch, masked (their tokens are pad);
     the host reads the finished mask every ``sync_every`` steps and stops when every row is done."""
@@ -461,16 +523,19 @@ def generate_semantic(model, input_embeds: torch.Tensor, gen: BarkGenerationConf
 
     def build():
         record = _TokenRecord(batch, max_new_tokens + _WARMUP_STEPS, pad, device)  # slack: warm-up steps write too
-        head = _SemanticHead(semantic, record, gen, params, min_eos_p, min_new_tokens, generator, observer)
+        noise = _RowNoise(batch, device) if row_seeds is not None else None
+        head = _SemanticHead(semantic, record, gen, params, min_eos_p, min_new_tokens, generator, observer, noise)
         return DecodeSession(semantic, batch, max_seqlen, [head], decode_mode, generators=[generator]), record, head
 
     if observer is not None:
         session, record, head = build()
     else:  # the session of an earlier call with the same shapes and settings, if any (its graphs are reused)
         key = ("semantic", batch, max_seqlen, max_new_tokens, params, min_eos_p, min_new_tokens, decode_mode,
-               semantic.attn_backend, cfg.eos_token_id, cfg.semantic_vocab_size, generator)
+               semantic.attn_backend, cfg.eos_token_id, cfg.semantic_vocab_size, generator, row_seeds is not None)
         session, record, head = pooled(semantic, key, build)
         record.reset()
+    if row_seeds is not None:
+        head.noise.seeds.copy_(row_seeds)
     events.start("semantic", total=max_new_tokens, rows=batch)
     session.prefill(input_embeds)
     steps = 1
@@ -486,7 +551,7 @@ def generate_semantic(model, input_embeds: torch.Tensor, gen: BarkGenerationConf
         steps += 1
     tokens = record.tokens[:, :max_new_tokens]
     lengths = (tokens != pad).sum(dim=1).tolist()  # tokens before EOS (EOS and what follows are pad)
-    out = [tokens[b, :n] for b, n in enumerate(lengths)]
+    out = [tokens[b, :n].clone() for b, n in enumerate(lengths)]  # copies: a later call reuses the pooled record
     events.end("semantic", steps, out)
     return out
 
@@ -525,12 +590,12 @@ class _CoarseHead:
     head, every other id -inf), then sampling/argmax; records the token. One per codebook: the step variants."""
 
     def __init__(self, coarse, record: _TokenRecord, bounds: tuple[int, int], params: SamplingParams,
-                 generator, window: _CoarseWindow | None = None) -> None:
+                 generator, window: _CoarseWindow | None = None, noise: _RowNoise | None = None) -> None:
         self.record = record
         self.model = coarse
         self.lo, self.hi = bounds
         self.vocab = coarse.config.output_vocab_size
-        self.params, self.generator = params, generator
+        self.params, self.generator, self.noise = params, generator, noise
         self.window = window  # observer bookkeeping (None without an observer)
 
     @property
@@ -544,7 +609,10 @@ class _CoarseHead:
         return scores
 
     def pick(self, scores: torch.Tensor) -> torch.Tensor:
-        nxt = select_tokens(scores, self.params, self.generator)  # (B,)
+        noise = None
+        if self.noise is not None and self.params.do_sample:  # step: the window's start + the column in the window
+            noise = self.noise.draw("coarse", self.record.col, scores.shape[-1])  # (B, vocab)
+        nxt = select_tokens(scores, self.params, self.generator, noise)  # (B,)
         if self.window is not None:
             self.window.observe(scores, nxt)
         self.record.record(nxt)
@@ -579,8 +647,9 @@ class _CoarseWindow:
 def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[dict | None],
                     gen: BarkGenerationConfig, params: SamplingParams, generator: torch.Generator | None = None,
                     decode_mode: str = "auto", events: _Events | None = None,
-                    observer: Observer | None = None) -> list[torch.Tensor]:
+                    observer: Observer | None = None, row_seeds: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Coarse tokens of each row (interleaved codebooks, coarse-model ids): list of B long tensors (len_b,).
+    ``row_seeds`` (B,) int64: row b's token t is drawn from its own stream at step t (:func:`row_exponentials`).
 
     One decode session (one preallocated cache) for every window: each window re-prefills its history (as
     transformers does, so the tokens are the same) and decodes up to ``sliding_window_len`` tokens. Rows keep their
@@ -616,21 +685,23 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
 
     # A CPU, greedy: each window runs only the rows that have one (a session of that many rows). A batch-8 step on a
     # CPU costs several batch-1 steps (the small-M matrix multiplies, every row's keys/values), so a long row left
-    # alone must not drag 7 masked rows along. Sampling keeps the whole batch (one random stream per batch, as
-    # transformers); so do devices (one static batch, one CUDA graph per variant).
-    compact = observer is None and not params.do_sample and resolve_mode(decode_mode, device) == "eager" \
-        and device.type == "cpu"
+    # alone must not drag 7 masked rows along. Sampling with a generator keeps the whole batch (one random stream per
+    # batch, as transformers; row_seeds give each row its own stream, so those rows compact too); so do devices (one static batch, one CUDA graph per variant).
+    compact = observer is None and (not params.do_sample or row_seeds is not None) \
+        and resolve_mode(decode_mode, device) == "eager" and device.type == "cpu"
 
     def session_for(rows: int):
         def build():
             record = _TokenRecord(rows, window + _WARMUP_STEPS, 0, device)  # slack: warm-up steps write too
-            heads = [_CoarseHead(coarse, record, bounds[n], params, generator, window_info)
+            noise = _RowNoise(rows, device) if row_seeds is not None else None
+            heads = [_CoarseHead(coarse, record, bounds[n], params, generator, window_info, noise)
                      for n in range(n_codebooks)]
-            return DecodeSession(coarse, rows, max_seqlen, heads, decode_mode, generators=[generator]), record
+            return DecodeSession(coarse, rows, max_seqlen, heads, decode_mode, generators=[generator]), record, noise
 
         if observer is not None:
             return build()
-        key = ("coarse", rows, max_seqlen, window, tuple(bounds), params, decode_mode, coarse.attn_backend, generator)
+        key = ("coarse", rows, max_seqlen, window, tuple(bounds), params, decode_mode, coarse.attn_backend, generator,
+               row_seeds is not None)
         return pooled(coarse, key, build)
 
     events.start("coarse", total=max(lengths), rows=batch)
@@ -641,7 +712,10 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
         if not active:
             break
         rows = active if compact else list(range(batch))  # the session's rows (batch row of each)
-        session, record = session_for(len(rows))
+        session, record, noise = session_for(len(rows))
+        if noise is not None:  # the streams of this session's rows, counted from the window's start
+            noise.seeds.copy_(row_seeds[torch.tensor(rows, device=device)])
+            noise.offset.fill_(total)
         inputs = []
         for b in rows:
             if b not in active:
@@ -737,8 +811,10 @@ def _fine_window_static(static: FinePasses, rows: list[dict], active_rows: list[
 def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict | None], gen: BarkGenerationConfig,
                   temperature: float | None, generator: torch.Generator | None = None,
                   events: _Events | None = None, observer: Observer | None = None,
-                  decode_mode: str = "auto") -> list[torch.Tensor]:
-    """Codes of all codebooks of each row: list of B long tensors (n_fine_codebooks, frames_b)."""
+                  decode_mode: str = "auto", row_seeds: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Codes of all codebooks of each row: list of B long tensors (n_fine_codebooks, frames_b). ``row_seeds`` (B,)
+    int64 (sampled): row b's code at window position p of pass (n_outer, n_inner) is drawn from its own stream
+    (:func:`row_exponentials`, step n_outer * n_fine + n_inner, index p * codebook_size + code)."""
     sem_cfg, c_cfg, cfg = gen.semantic_config, gen.coarse_acoustics_config, gen.fine_acoustics_config
     fine = model.fine_acoustics
     device = model.device
@@ -799,7 +875,12 @@ def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict
             else:
                 logits = fine.lm_logits(n_inner, hidden, cb) / temperature  # (B', win, cb)
                 probs = logits.softmax(dim=-1)
-                if len(set(rels)) == 1:  # one draw for the whole batch, as transformers
+                if row_seeds is not None:  # each row's own stream: the same codes whatever rows share the batch
+                    seeds = row_seeds[torch.tensor(active_rows, device=device)]  # (B',)
+                    noise = row_exponentials(seeds, "fine", n_outer * n_fine + n_inner, win * cb)
+                    noise = noise.view(len(active), win, cb)[:, rel_min:]  # (B', win - rel_min, cb)
+                    preds = exponential_race(probs[:, rel_min:], noise=noise)
+                elif len(set(rels)) == 1:  # one draw for the whole batch, as transformers
                     flat = probs[:, rel_min:].reshape(-1, cb)
                     preds = torch.multinomial(flat, 1, generator=generator).view(len(active), -1)
                 else:
@@ -917,6 +998,31 @@ def _check_for_model(model, input_ids: torch.Tensor, attention_mask, decode_mode
                        "is ignored", longest, n)
 
 
+def _check_row_seeds(row_seeds, generator, batch: int, device) -> torch.Tensor | None:
+    """row_seeds: None, or one int in [0, 2**63) per row (a sequence or an integer tensor) -> (B,) int64 on device."""
+    if row_seeds is None:
+        return None
+    if generator is not None:
+        raise ValueError("row_seeds and generator: pass one of them (row_seeds gives each row its own random stream, "
+                         "generator one stream for the batch)")
+    if isinstance(row_seeds, torch.Tensor):
+        if row_seeds.is_floating_point() or row_seeds.is_complex() or row_seeds.dtype == torch.bool:
+            raise TypeError(f"row_seeds: expected integer seeds, got a tensor of {row_seeds.dtype}")
+        values = row_seeds.reshape(-1).tolist() if row_seeds.dim() == 1 else None
+        if values is None:
+            raise ValueError(f"row_seeds: expected shape ({batch},), got {tuple(row_seeds.shape)}")
+    elif isinstance(row_seeds, Sequence) and not isinstance(row_seeds, (str, bytes)):
+        values = list(row_seeds)
+    else:
+        raise TypeError(f"row_seeds: expected a list of ints (one per row) or None, got {type(row_seeds).__name__}")
+    if len(values) != batch:
+        raise ValueError(f"row_seeds: expected one seed per row ({batch}), got {len(values)}")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) <= MAX_ROW_SEED:
+            raise ValueError(f"row_seeds[{i}]: expected an int in [0, 2**63 - 1], got {v!r}")
+    return torch.tensor([int(v) for v in values], dtype=torch.long, device=device)  # (B,)
+
+
 def _check_fine_temperature(value) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or not math.isfinite(value) or not value >= MIN_TEMPERATURE):
@@ -939,13 +1045,14 @@ def _non_finite_scores(stage: str, error: RuntimeError) -> ValueError | None:
 def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, history_prompt=None,
                     sync_every: int = 16, generator: torch.Generator | None = None, decode_mode: str = "auto",
                     callback: Callable[[StageEvent], None] | None = None, events: _Events | None = None,
-                    observer: Observer | None = None, **kwargs) -> dict:
+                    observer: Observer | None = None, row_seeds=None, **kwargs) -> dict:
     """Every stage's tokens: semantic (list of (n_b,)), coarse (list of (len_b,)), fine (list of (n_fine, frames_b)).
 
     Same arguments and checks as :func:`generate` (which decodes these fine codes to audio). ``observer``, when given,
     is called with the :class:`TokenChoices` of every step, in the order the choices are made (decode steps then run
     eagerly: decode_mode 'auto' or 'eager')."""
     _check_inputs(input_ids, attention_mask, sync_every, decode_mode, callback)
+    row_seeds = _check_row_seeds(row_seeds, generator, input_ids.shape[0], model.device)
     if observer is not None:
         if decode_mode not in ("auto", "eager"):
             raise ValueError(f"observer: the observer reads every step on the host, so decode steps must run eagerly; "
@@ -980,13 +1087,13 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     stage = "semantic"
     try:
         semantic = generate_semantic(model, embeds, gen, sem_params, max_new, min_eos_p, sync_every, generator,
-                                     decode_mode, events, min_new, observer)
+                                     decode_mode, events, min_new, observer, row_seeds)
         stage = "coarse"
         coarse = generate_coarse(model, semantic, histories, gen, coarse_params, generator, decode_mode, events,
-                                 observer)
+                                 observer, row_seeds)
         stage = "fine"
         fine = generate_fine(model, coarse, histories, gen, fine_temperature, generator, events, observer,
-                             "eager" if decode_mode == "compile" else decode_mode)
+                             "eager" if decode_mode == "compile" else decode_mode, row_seeds)
     except RuntimeError as error:
         clear = _non_finite_scores(stage, error)
         if clear is None:
@@ -1006,6 +1113,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     list with one per row.
 
     Ours: ``generator`` (a torch.Generator for sampling; default torch's global RNG, seed with torch.manual_seed);
+    ``row_seeds`` (one int >= 0 per row, instead of ``generator``: each row samples from its own counter-based random
+    stream, so its tokens do not depend on the other rows of the batch; see :func:`row_exponentials`);
     ``sync_every`` (the semantic stage reads its finished mask every that many steps); ``decode_mode`` (how decode steps
     run: "auto", "eager", "graph" (CUDA graphs) or "compile"; see bark.session); ``callback`` (called with a
     :class:`StageEvent` at each stage's start, progress points and end).
