@@ -16,7 +16,7 @@ Text of any length in one voice (split into sentences, generated in ragged batch
 
 One model, many callers (bark.engine): requests in, pieces out, batched across callers::
 
-    engine = bark.Engine(model, processor, max_batch=8)
+    engine = bark.Engine(model, processor, max_batch=8)      # or bark.Engine.from_options(bark.EngineOptions(...))
     for piece in engine.submit(bark.SpeechRequest(long_text, voice="v2/en_speaker_6")):
         ...
 """
@@ -32,6 +32,7 @@ from .config import (
 )
 from .generation import StageEvent
 from .engine import Engine, EngineClosedError, QueueFullError, RequestCancelled, RequestHandle, SpeechRequest
+from .options import EngineOptions, OptionError
 from .longform import SpeechPiece, stream, synthesize
 from .model import BarkModel
 
@@ -71,4 +72,6 @@ __all__ = [
     "QueueFullError",
     "EngineClosedError",
     "RequestCancelled",
+    "EngineOptions",
+    "OptionError",
 ]

@@ -26,9 +26,12 @@ What happens to a request:
 4. Each finished piece goes back to its request's :class:`RequestHandle`, which hands pieces out in text order:
    iterate it (blocking), ``async for`` it (asyncio), or wait for them all with ``result()``.
 
-Seeds: a greedy piece is the same whatever batch it lands in. A sampled piece draws from one random stream per batch,
-so for a seeded request to be reproducible whatever else is waiting, its pieces run as batches of their own: piece
-``k`` of a request with ``seed=s`` equals ``bark.stream(text, seed=s, batch_size=1)``'s piece ``k``.
+Seeds: every row of a batch samples from its own random stream (``generate(..., row_seeds=...)``: a counter-based
+hash of (row seed, stage, step, index), bark.generation.row_exponentials), so seeded requests batch with everything
+else of the same settings. Piece ``k`` of a request with ``seed=s`` gets the row seed ``piece_seed(s, k)``; it is the
+same piece whatever batch it lands in and wherever (greedy: the same tokens and audio; sampled: the same random
+numbers, so the same tokens unless two candidates' probability/noise ratios tie within float rounding of the logits,
+which a batch of another size may sum in another order). ``seed=None`` draws a fresh seed per request.
 
 Failure is per request: a batch that raises is re-run one row at a time, and only the requests whose rows still
 fail are failed (iterating their handles raises the error); the others go on. ``cancel()`` drops a request's pieces
@@ -41,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -52,11 +56,13 @@ import torch
 
 from . import longform
 from .generation import split_generate_kwargs
-from .longform import DEFAULT_PAUSE, SpeechPiece, join_pieces
+from .longform import DEFAULT_PAUSE, SpeechPiece, join_pieces, piece_seed
+from .options import EngineOptions
+from .session import DECODE_MODES
 from .text import split_text
 
 __all__ = ["Engine", "SpeechRequest", "RequestHandle", "EngineError", "QueueFullError", "EngineClosedError",
-           "RequestCancelled", "BatchInfo"]
+           "RequestCancelled", "BatchInfo", "EngineOptions", "piece_seed"]
 
 logger = logging.getLogger("bark")
 
@@ -90,8 +96,11 @@ class SpeechRequest:
     (suno's layout), a :class:`SpeechPiece` or None; ``seed``: an int >= 0 for reproducible sampling (module
     docstring) or None; ``continuity``: "preset" or "previous" (bark.longform); ``max_tokens``: the longest piece in
     text tokens (default and most: Bark's 256); ``generate_kwargs``: keyword arguments of ``generate``
-    (``do_sample``, ``temperature``, ``semantic_max_new_tokens``, ``decode_mode`` ...); ``tag``: anything the
-    caller wants back on the handle (an id, a row)."""
+    (``do_sample``, ``temperature``, ``semantic_max_new_tokens`` ...; requests with the same ones batch together);
+    ``tag``: anything the caller wants back on the handle (an id, a row); ``split``: False speaks the text as one
+    piece (Bark reads its first 256 text tokens, the rest is cut: the short-text behaviour of ``generate``);
+    ``callback``: ``fn(event)`` for every ``bark.StageEvent`` of every batch that runs a piece of this request (from
+    the worker thread; with the handle's ``pieces_done`` / ``len(handle)``, a request's progress)."""
 
     text: str
     voice: Any = None
@@ -100,6 +109,8 @@ class SpeechRequest:
     max_tokens: int | None = None
     generate_kwargs: Mapping[str, Any] = field(default_factory=dict)
     tag: Any = None
+    split: bool = True
+    callback: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -134,7 +145,7 @@ class RequestHandle:
     raises that error from the iteration (and from ``result()``); ``error`` holds it."""
 
     def __init__(self, engine: Engine, rid: int, request: SpeechRequest, texts: list[str], history,
-                 batch_key: tuple) -> None:
+                 batch_key: tuple, seed: int) -> None:
         self._engine = engine
         self.id = rid
         self.request = request
@@ -143,6 +154,7 @@ class RequestHandle:
         self._history = history  # the resolved voice (dict of long tensors) or None
         self._chain = None  # the voice of the next pieces, once known (no voice / "previous")
         self._batch_key = batch_key
+        self.seed = seed  # the request's seed, or the one drawn for it: piece k samples with piece_seed(seed, k)
         self._done: dict[int, SpeechPiece] = {}  # finished, not yet handed out in order
         self._ready: list[SpeechPiece] = []  # in order, not yet taken by the caller
         self._next_out = 0  # pieces moved to _ready so far
@@ -163,7 +175,12 @@ class RequestHandle:
 
     @property
     def pieces_done(self) -> int:
+        """Pieces finished and handed over in order so far (of ``len(handle)``)."""
         return self._next_out
+
+    @property
+    def pieces_total(self) -> int:
+        return len(self.texts)
 
     def _notify(self) -> None:
         self._cond.notify_all()
@@ -280,11 +297,15 @@ class Engine:
     :class:`QueueFullError`); ``generate_kwargs``: defaults for every request's ``generate`` (a request's own win);
     ``callback``: ``fn(batch_info_or_None, event)`` for every ``bark.StageEvent`` of every batch (the BatchInfo is
     None until the batch ends; it is called from the worker thread); ``on_batch``: ``fn(BatchInfo)`` after each
-    batch."""
+    batch; ``decode_mode``: how decode steps run ("auto", "eager", "graph", "compile"; bark.session); ``offload``:
+    True (or a CUDA device) to keep the sub-models in CPU memory, each on the GPU for its stage only (bark.offload; a
+    no-op, logged and kept in ``notes``, without CUDA). :meth:`from_options` builds one from :class:`EngineOptions`
+    (loading the model)."""
 
     def __init__(self, model, processor, *, max_batch: int = 8, max_wait: float = 0.02, max_queue: int = 64,
                  generate_kwargs: Mapping[str, Any] | None = None, callback: Callable | None = None,
-                 on_batch: Callable[[BatchInfo], None] | None = None, name: str = "bark-engine") -> None:
+                 on_batch: Callable[[BatchInfo], None] | None = None, name: str = "bark-engine",
+                 decode_mode: str = "auto", offload=False) -> None:
         for arg, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{arg}: expected an int >= {low}, got {value!r}")
@@ -294,9 +315,26 @@ class Engine:
         self.processor = processor
         self._encoder = longform._encoder(processor)
         self.max_batch, self.max_wait, self.max_queue = max_batch, float(max_wait), max_queue
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode: expected one of {list(DECODE_MODES)}, got {decode_mode!r}")
+        self.decode_mode = decode_mode
         self.generate_kwargs = dict(generate_kwargs or {})
         split_generate_kwargs(self.generate_kwargs)  # unknown keys fail here, not in the worker
         self.callback, self.on_batch = callback, on_batch
+        self.notes: list[str] = []  # things worth saying once (offload no-op ...)
+        self.loaded = None  # the bark.options.Loaded of from_options
+        self._target = model  # what runs the batches: the model, or its offloaded stand-in
+        self._offloaded = None
+        if offload is not False and offload is not None:
+            from .offload import Offloaded, offload_reason
+
+            offload_device = None if offload is True else offload
+            reason = offload_reason(model, offload_device)
+            if reason is None:
+                self._offloaded = self._target = Offloaded(model, offload_device)
+            else:
+                logger.warning("%s", reason)
+                self.notes.append(reason)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._ids = itertools.count()
@@ -320,23 +358,42 @@ class Engine:
             request = SpeechRequest(request, **fields)
         elif fields:
             raise TypeError("submit: pass a SpeechRequest or text plus fields, not both")
-        if not isinstance(request, SpeechRequest):
-            raise TypeError(f"request: expected a bark.SpeechRequest or a str, got {type(request).__name__}")
-        texts, history, key = self._plan(request)
+        return self.submit_many([request], _what="request")[0]
+
+    def submit_many(self, requests, _what: str = "requests") -> list[RequestHandle]:
+        """Queue several requests at once (all or none: every one is checked first, and the queue must hold them all)
+        -> their handles, in order. Their pieces are ready together, so the first batch can hold pieces of each (a
+        front end with a list of texts: ``speak --batch-file``, bulk synthesis)."""
+        requests = list(requests)
+        planned = []
+        for i, request in enumerate(requests):
+            where = _what if _what == "request" else f"requests[{i}]"
+            if isinstance(request, str):
+                request = requests[i] = SpeechRequest(request)
+            if not isinstance(request, SpeechRequest):
+                raise TypeError(f"{where}: expected a bark.SpeechRequest or a str, got {type(request).__name__}")
+            planned.append(self._plan(request))
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed and takes no new request")
-            if len(self._open) >= self.max_queue:
-                raise QueueFullError(f"the engine is full: {len(self._open)} requests unfinished (max_queue="
+            if len(self._open) + len(requests) > self.max_queue:
+                raise QueueFullError(f"the engine is full: {len(self._open)} requests unfinished, {len(requests)} "
+                                     f"more asked for (max_queue={self.max_queue}); retry later"
+                                     if len(requests) > 1 else
+                                     f"the engine is full: {len(self._open)} requests unfinished (max_queue="
                                      f"{self.max_queue}); retry later", self._retry_after())
-            handle = RequestHandle(self, next(self._ids), request, texts, history, key)
-            self._open[handle.id] = handle
+            handles = []
             now = time.perf_counter()
-            first_only = request.continuity == "previous" or history is None
-            for i, text in enumerate(texts[:1] if first_only else texts):
-                self._ready.append(_Job(handle, i, text, i == len(texts) - 1, now))
+            for request, (texts, history, key) in zip(requests, planned, strict=True):
+                seed = request.seed if request.seed is not None else secrets.randbits(63)
+                handle = RequestHandle(self, next(self._ids), request, texts, history, key, seed)
+                self._open[handle.id] = handle
+                first_only = request.continuity == "previous" or history is None
+                for i, text in enumerate(texts[:1] if first_only else texts):
+                    self._ready.append(_Job(handle, i, text, i == len(texts) - 1, now))
+                handles.append(handle)
             self._wake.notify_all()
-        return handle
+        return handles
 
     def _plan(self, request: SpeechRequest) -> tuple[list[str], Any, tuple]:
         text = request.text
@@ -345,23 +402,27 @@ class Engine:
         if not text.strip():
             raise ValueError("text: empty; give some words to speak")
         max_tokens = longform._check_args(request.continuity, 1, request.max_tokens, request.seed, self.model)
+        if not isinstance(request.split, bool):
+            raise TypeError(f"split: expected True or False, got {request.split!r}")
+        if request.callback is not None and not callable(request.callback):
+            raise TypeError(f"callback: expected a callable taking a bark.StageEvent, got "
+                            f"{type(request.callback).__name__}")
+        if not isinstance(request.generate_kwargs, Mapping):
+            raise TypeError(f"generate_kwargs: expected a mapping, got {type(request.generate_kwargs).__name__}")
         kwargs = {**self.generate_kwargs, **dict(request.generate_kwargs)}
         for banned, why in (("history_prompt", "pass the voice as voice=..."),
-                            ("generator", "pass seed=... (a generator would be shared by the batch)")):
+                            ("generator", "pass seed=... (a generator would be shared by the batch)"),
+                            ("row_seeds", "pass seed=... (the engine gives each piece its row seed)"),
+                            ("decode_mode", "it is the engine's (Engine(decode_mode=...))")):
             if banned in kwargs:
                 raise TypeError(f"generate_kwargs: {banned} is not accepted by the engine; {why}")
-        stages = split_generate_kwargs(kwargs)
-        texts = split_text(text, max_tokens, self._encoder.count)
+        split_generate_kwargs(kwargs)  # unknown keys: TypeError naming them
+        texts = split_text(text, max_tokens, self._encoder.count) if request.split else [text]
         if not texts:
             raise ValueError("text: no words to speak after splitting")
         history = longform._resolve_voice(request.voice, self.processor if hasattr(self.processor,
                                           "load_voice_preset") else None, self.model)
-        gen = self.model.generation_config
-        fine_t = stages["fine"].get("temperature", gen.fine_acoustics_config.temperature)
-        sampled = (bool(stages["semantic"].get("do_sample", gen.semantic_config.do_sample))
-                   or bool(stages["coarse"].get("do_sample", gen.coarse_acoustics_config.do_sample))
-                   or fine_t not in (None, 1.0))
-        key = (_freeze(kwargs), request.seed if (sampled and request.seed is not None) else None)
+        key = _freeze(kwargs)  # the settings: pieces of any seed batch together (row seeds)
         return texts, history, key
 
     # -- the worker ----------------------------------------------------------------------------------------------------
@@ -376,8 +437,7 @@ class Engine:
             if self._ready:
                 oldest = self._ready[0]
                 same = [j for j in self._ready if j.key == oldest.key]
-                sampled_seeded = oldest.key[1] is not None
-                limit = 1 if sampled_seeded else self.max_batch
+                limit = self.max_batch
                 wait = oldest.ready_at + self.max_wait - time.perf_counter()
                 if len(same) >= limit or wait <= 0 or self._closing:
                     batch = same[:limit]
@@ -478,17 +538,29 @@ class Engine:
         gen_config = model.generation_config
         handle = batch[0].handle
         kwargs = {**self.generate_kwargs, **dict(handle.request.generate_kwargs)}
-        seed = handle.request.seed if handle._batch_key[1] is not None else None
+        kwargs["decode_mode"] = self.decode_mode
+        kwargs["row_seeds"] = [piece_seed(j.handle.seed, j.piece_index) for j in batch]
         jobs = [longform._Job(j.piece_index, 0, j.piece_index, j.text, j.last) for j in batch]
         rows = [self._history_of(j) for j in batch]
         text_length = gen_config.semantic_config.max_input_semantic_length
         input_ids, attention_mask = self._encoder.encode([j.text for j in batch], max_length=text_length)
+        listeners = [] if self.callback is None else [lambda event: self.callback(None, event)]
+        seen = set()
+        for j in batch:  # each request's own callback, once per batch whatever its rows
+            fn = j.handle.request.callback
+            if fn is not None and id(j.handle) not in seen:
+                seen.add(id(j.handle))
+                listeners.append(fn)
         callback = None
-        if self.callback is not None:
+        if listeners:
             def callback(event):
-                self.callback(None, event)
-        return longform._generate_chunk(model, model.device, jobs, rows, input_ids, attention_mask, seed, callback,
-                                        gen_config, int(model.sampling_rate), kwargs)
+                for fn in listeners:
+                    try:
+                        fn(event)
+                    except Exception:  # a caller's progress hook must not fail the batch of others
+                        logger.exception("engine: a progress callback raised; ignored")
+        return longform._generate_chunk(self._target, self._target.device, jobs, rows, input_ids, attention_mask,
+                                        None, callback, gen_config, int(model.sampling_rate), kwargs)
 
     # -- ending --------------------------------------------------------------------------------------------------------
 
@@ -528,6 +600,9 @@ class Engine:
                     self._close_handle(handle)
             self._wake.notify_all()
         self._worker.join(timeout)
+        if self._offloaded is not None and not self._worker.is_alive():
+            self._offloaded.close()
+            self._offloaded = None
 
     @property
     def closed(self) -> bool:
@@ -538,6 +613,48 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close(cancel=exc[0] is not None)
+
+    @classmethod
+    def from_options(cls, options: EngineOptions | None = None, *, callback: Callable | None = None,
+                     on_batch: Callable[[BatchInfo], None] | None = None, **fields) -> Engine:
+        """Load the model the options name (bark.options: checkpoint or the random model, device, dtype, attention
+        backend, threads, offload) and start an engine on it. ``fields`` override options' fields
+        (``Engine.from_options(model="random", device="cpu")``). The load's record is ``engine.loaded``, and what it
+        chose for the caller is in ``engine.notes``. Raises bark.options.OptionError (a ValueError) naming the
+        option."""
+        import dataclasses
+
+        import torch
+
+        from . import options as opts
+
+        options = options if options is not None else EngineOptions()
+        if not isinstance(options, EngineOptions):
+            raise TypeError(f"options: expected a bark.EngineOptions, got {type(options).__name__}")
+        if fields:
+            options = dataclasses.replace(options, **fields)
+        device, dtype = opts.resolve_device(options.device, options.dtype)
+        source = opts.locate_model(options.model)
+        opts.check_attention(options.attn, source.config, device, dtype)
+        notes = [n for n in [opts.set_threads(options.threads, device)] if n]
+        load_device = device
+        offload = False
+        if options.offload:
+            from .offload import offload_reason
+
+            reason = offload_reason(None, device)
+            if reason is None:
+                load_device, offload = torch.device("cpu"), device  # the weights wait in CPU memory
+        loaded = opts.load_model(source, options.attn, load_device, dtype, options.init_seed)
+        processor = loaded.processor if loaded.processor is not None else longform.ByteTextEncoder()
+        engine = cls(loaded.model, processor, max_batch=options.max_batch, max_wait=options.max_wait,
+                     max_queue=options.max_queue, generate_kwargs=options.generate_kwargs, callback=callback,
+                     on_batch=on_batch, decode_mode=options.decode_mode,
+                     offload=offload if options.offload and offload is not False else options.offload)
+        engine.loaded = loaded
+        engine.options = options
+        engine.notes[:0] = notes
+        return engine
 
     def speak(self, text: str, pause: float = DEFAULT_PAUSE, **fields) -> np.ndarray:
         """Submit ``text`` and wait for its whole recording (float32 at 24 kHz)."""

@@ -25,9 +25,11 @@ Voice continuity (``continuity``):
 * ``"previous"`` (suno's long-form recipe, sequential): each piece is conditioned on the previous piece's generation
   (the first on ``voice``). Pieces of one text cannot run together; several texts still batch (piece k of each).
 
-Sampling: each chunk draws from one random stream for the whole batch (as transformers does), so a sampled piece
-depends on which pieces share its chunk, and a run is reproducible for the same ``batch_size`` and ``seed`` (each
-chunk gets a generator seeded with ``seed`` + the index of its first piece). Greedy rows do not depend on their chunk.
+Sampling: with ``seed``, piece ``i`` (counted over every text in order) samples from its own random stream, seeded
+with ``piece_seed(seed, i)`` (``generate(..., row_seeds=...)``), so a seeded run gives the same pieces whatever
+``batch_size`` and ``order`` (and piece ``k`` of one text equals piece ``k`` of an engine request with the same seed).
+Without a seed (or with a ``generator`` in the keyword arguments) each chunk draws from one random stream for the
+whole batch, as transformers does. Greedy rows never depend on their chunk.
 
 Offload (``offload=True``): sub-models wait in CPU memory and move to the GPU for their stage only (bark.offload);
 on a machine without CUDA it is a no-op that says so (logged, and in ``SpeechPiece.notes`` of the first piece).
@@ -48,14 +50,30 @@ from . import generation
 from .text import split_text
 from .voice import voice_from_tokens
 
-__all__ = ["synthesize", "stream", "plan_pieces", "join_pieces", "SpeechPiece", "SpeechStream", "ByteTextEncoder",
-           "CONTINUITY", "DEFAULT_PAUSE"]
+__all__ = ["synthesize", "stream", "plan_pieces", "join_pieces", "piece_seed", "SpeechPiece", "SpeechStream",
+           "ByteTextEncoder", "CONTINUITY", "DEFAULT_PAUSE"]
 
 logger = logging.getLogger(__name__)
 
 CONTINUITY = ("preset", "previous")
 ORDERS = ("text", "length")
 DEFAULT_PAUSE = 0.25  # seconds of silence between pieces (suno's long-form notebook uses a quarter second)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def piece_seed(seed: int, index: int) -> int:
+    """The row seed of piece ``index`` of a text spoken with ``seed``: an int in [0, 2**63) (splitmix64 of both;
+    distinct pieces and seeds get unrelated streams)."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64)) >> 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -260,7 +278,7 @@ def stream(model, text: str | Sequence[str], *, processor=None, voice=None, cont
     ``processor``: a ``bark.BarkProcessor`` (tokenizer, named voice presets) or ``ByteTextEncoder()``; ``voice``: a
     preset name, an ``.npz`` path, a dict of the three prompts, a ``SpeechPiece`` or None; ``continuity``: "preset"
     or "previous" (module docstring); ``batch_size``: pieces generated together; ``max_tokens``: the longest piece in
-    text tokens (default and most: Bark's 256); ``seed``: per-chunk seeded sampling (module docstring); ``offload``:
+    text tokens (default and most: Bark's 256); ``seed``: seeded sampling, each piece its own stream (module docstring); ``offload``:
     True (or a CUDA device) to keep sub-models in CPU memory and on the GPU only for their stage (bark.offload; the
     model should then be on the CPU); ``order``: "text" (chunks of consecutive pieces: the first pieces come
     first) or "length" (chunks of pieces of similar text length, longest first: less time on rows that have ended,
@@ -277,6 +295,8 @@ def stream(model, text: str | Sequence[str], *, processor=None, voice=None, cont
         raise TypeError("history_prompt: pass the voice as voice=... (a preset name, .npz path or dict)")
     if seed is not None and "generator" in generate_kwargs:
         raise ValueError("seed and generator: pass one of them")
+    if "row_seeds" in generate_kwargs:
+        raise TypeError("row_seeds: pass seed=... (piece i samples with piece_seed(seed, i))")
     history = _resolve_voice(voice, processor if hasattr(processor, "load_voice_preset") else None, model)
     plan = [split_text(t, max_tokens, encoder.count) for t in texts]
     for i, pieces in enumerate(plan):
@@ -403,8 +423,8 @@ def _generate_chunk(target, device, chunk: list[_Job], rows: list, input_ids, at
             callback(event)
 
     kwargs = dict(generate_kwargs)
-    if seed is not None:
-        kwargs["generator"] = torch.Generator(device=device).manual_seed(seed + chunk[0].index)
+    if seed is not None:  # each piece its own stream: the same piece whatever chunk it is in
+        kwargs["row_seeds"] = [piece_seed(seed, job.index) for job in chunk]
     if all(r is None for r in rows):
         history_prompt = None
     elif all(r is rows[0] for r in rows):

@@ -81,7 +81,7 @@ BARK_LAYERS = [
     {"bark.codec", "bark.layers", "bark.session", "bark.processor"},
     {"bark.loading", "bark.model_causal", "bark.model_fine", "bark.generation"},
     {"bark.model", "bark.offload", "bark.voice"},
-    {"bark.longform"},
+    {"bark.longform", "bark.options"},
     {"bark.engine"},
     {"bark", "bark.cli.progress", "bark.cli.setup"},
     {"bark.cli.longform"},
