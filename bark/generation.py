@@ -686,7 +686,8 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
     # A CPU, greedy: each window runs only the rows that have one (a session of that many rows). A batch-8 step on a
     # CPU costs several batch-1 steps (the small-M matrix multiplies, every row's keys/values), so a long row left
     # alone must not drag 7 masked rows along. Sampling with a generator keeps the whole batch (one random stream per
-    # batch, as transformers; row_seeds give each row its own stream, so those rows compact too); so do devices (one static batch, one CUDA graph per variant).
+    # batch, as transformers; row_seeds give each row its own stream, so those rows compact too); so do devices (one
+    # static batch, one CUDA graph per variant).
     compact = observer is None and (not params.do_sample or row_seeds is not None) \
         and resolve_mode(decode_mode, device) == "eager" and device.type == "cpu"
 

@@ -278,7 +278,8 @@ def stream(model, text: str | Sequence[str], *, processor=None, voice=None, cont
     ``processor``: a ``bark.BarkProcessor`` (tokenizer, named voice presets) or ``ByteTextEncoder()``; ``voice``: a
     preset name, an ``.npz`` path, a dict of the three prompts, a ``SpeechPiece`` or None; ``continuity``: "preset"
     or "previous" (module docstring); ``batch_size``: pieces generated together; ``max_tokens``: the longest piece in
-    text tokens (default and most: Bark's 256); ``seed``: seeded sampling, each piece its own stream (module docstring); ``offload``:
+    text tokens (default and most: Bark's 256); ``seed``: seeded sampling, each piece its own stream (module
+    docstring); ``offload``:
     True (or a CUDA device) to keep sub-models in CPU memory and on the GPU only for their stage (bark.offload; the
     model should then be on the CPU); ``order``: "text" (chunks of consecutive pieces: the first pieces come
     first) or "length" (chunks of pieces of similar text length, longest first: less time on rows that have ended,

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 ABBREVIATIONS_NEVER_FINAL = frozenset("""
     mr mrs ms mx dr prof st sr sra srta mme mlle messrs rev hon gen col capt cpt lt sgt cmdr adm gov pres sen rep
     supt insp mt e.g eg i.e ie cf vs v viz approx ca
+    lic dra ing avv dott dir sig sigg z.b u.a
+    проф ул пгт кв
 """.split())
 # A period after these ends a sentence only when the next word starts with a capital letter.
 ABBREVIATIONS_MAYBE_FINAL = frozenset("""
@@ -53,13 +55,15 @@ _STRONG = "\u3002\uff01\uff1f\uff61\uff0e\u061f\u06d4\u0964\u0965\u1362\u0589\u1
 _LATIN = ".!?"
 _ELLIPSIS = "\u2026"
 _TERMINATORS = _STRONG + _LATIN + _ELLIPSIS
-_CLOSERS = "\"'\u201d\u2019\u00bb\u203a)]}\u300d\u300f\uff09\u300b\u3009\u3011\uff3d\uff63"
+# (\u201c and \u2018 open a quote in English but close one in German: „so“; after a terminator they close)
+_CLOSERS = "\"'\u201d\u2019\u201c\u2018\u00bb\u203a)]}\u300d\u300f\uff09\u300b\u3009\u3011\uff3d\uff63"
 _OPENERS = "\"'\u201c\u2018\u00ab\u2039([{\u300c\u300e\uff08\u300a\u3008\u3010\uff3b\uff62"
-_RUN = re.compile(f"[{re.escape(_TERMINATORS)}]+[{re.escape(_CLOSERS)}]*")
+# a run of terminators (a spaced ellipsis ". . ." is one run), then any closing quotes/brackets
+_RUN = re.compile(f"(?:\\.(?: \\.)+|[{re.escape(_TERMINATORS)}])+[{re.escape(_CLOSERS)}]*")
 _PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 _SPACE = re.compile(r"\s+")
-_INITIAL = re.compile(r"^[A-HJ-Z]$")  # not "I", a word
-_DOTTED = re.compile(r"^[A-Za-z]{1,3}(?:\.[A-Za-z]{1,3})+$")  # U.S, e.g, a.m, Ph.D
+_INITIAL = re.compile(r"^(?!I$)[^\W\d_]$")  # one letter (capital: checked by the caller), not "I", a word
+_DOTTED = re.compile(r"^[^\W\d_]{1,3}(?:\.[^\W\d_]{1,3})+$")  # U.S, e.g, a.m, Ph.D, Л.Н (letters of any script)
 
 
 def _first_letter(text: str) -> str:
@@ -86,11 +90,11 @@ def _is_boundary(text: str, start: int, end: int) -> bool:
     if not nxt:
         return True  # the end of the text (or only spaces and openers follow)
     if any(ch in _STRONG for ch in terms):
-        return True
+        return not (terms == "\uff0e" and after[:1].isdigit())  # fullwidth decimals: ３．２９
     if after[:1] and not after[:1].isspace():
         return False  # 3.14, e.g. inside e.g., example.com, "?!" followed by a letter ...
-    if closed and nxt.islower():
-        return False  # '"Stop!" he said.'
+    if nxt.islower():
+        return False  # '"Stop!" he said.', 'She works at Yahoo! in ...', 'Admón. es ...': a sentence starts otherwise
     if terms.count(".") >= 2 or _ELLIPSIS in terms:
         return not nxt.islower() and not nxt.isdigit()  # an ellipsis: a pause unless a new sentence starts
     if "!" in terms or "?" in terms:
@@ -99,7 +103,7 @@ def _is_boundary(text: str, start: int, end: int) -> bool:
     word = text[:start].rsplit(None, 1)[-1] if text[:start].strip() else ""
     word = word.lstrip(_OPENERS)
     low = word.lower()
-    if low in ABBREVIATIONS_NEVER_FINAL or _INITIAL.match(word):
+    if low in ABBREVIATIONS_NEVER_FINAL or (_INITIAL.match(word) and word.isupper()):
         return False
     if low in ABBREVIATIONS_MAYBE_FINAL or _DOTTED.match(word):
         return nxt.isupper()

@@ -124,3 +124,21 @@ def test_split_text_with_a_real_wordpiece_tokenizer():
     assert all(re.search(r"[;.]$", p) for p in pieces)  # clause-level cuts were enough here
     with pytest.raises(ValueError, match="max_tokens"):
         split_text("hi", 0)
+
+
+@pytest.mark.parametrize("text, sentences", [
+    # a handful of pysbd's golden rules (benchmarks/sentence_split.py scores all of them; docs/longform.md)
+    ("She works at Yahoo! in the accounting department.", ["She works at Yahoo! in the accounting department."]),
+    ("„Ich habe heute keine Zeit“, sagte die Frau und flüsterte leise: „Und auch keine Lust.“ Wir haben 1.000.000 "
+     "Euro.", ["„Ich habe heute keine Zeit“, sagte die Frau und flüsterte leise: „Und auch keine Lust.“",
+               "Wir haben 1.000.000 Euro."]),
+    ("引き下げ幅は３．２９％以上を目指す。今後も続く。", ["引き下げ幅は３．２９％以上を目指す。", "今後も続く。"]),
+    ("Д-р наук А. И. Семенов выступал. Кв. 234 находится на 4 этаже.",
+     ["Д-р наук А. И. Семенов выступал.", "Кв. 234 находится на 4 этаже."]),
+    ("It was weakened . . . and then gone. Next sentence.", ["It was weakened . . . and then gone.",
+                                                            "Next sentence."]),
+    ("Hola Srta. Ledesma. Buenos días, soy el Lic. Naser Pastoriza.",
+     ["Hola Srta. Ledesma.", "Buenos días, soy el Lic. Naser Pastoriza."]),
+])
+def test_golden_rule_cases(text, sentences):
+    assert split_sentences(text) == sentences

@@ -1,13 +1,16 @@
-"""What ``bark-kernels speak`` knows and checks before any weight is read, and how it loads the model: the options'
-value types, the output paths, the texts, the device and dtype, the thread count on a busy machine, the checkpoint's
-configuration, tokenizer and voice preset, the attention backend, the token cap; then the load itself and the final
-write of every WAV. Shared by the short-text path (bark.cli) and the long-text path (bark.cli.longform). User errors
-raise :class:`SpeakError` (one line, exit code 1).
+"""What ``bark-kernels speak`` knows and checks before any weight is read, and how it loads the model: the typed
+request a command line becomes (:class:`SpeakRequest`; its engine options are a ``bark.EngineOptions``), the options'
+value types, the output paths, the texts, then (through bark.options, which knows no argparse) the device and dtype,
+the thread count on a busy machine, the checkpoint's configuration, tokenizer and voice preset, the attention backend,
+the token cap, the load itself; and the final write of every WAV. Shared by the ``--batch-file`` path
+(bark.cli.speak) and the long-text path (bark.cli.longform). User errors raise :class:`SpeakError` (one line, exit
+code 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import stat
 import sys
@@ -17,21 +20,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import config as bark_config
-from .. import hub
-from ..loading import load_config
-from ..model import BarkModel
-from ..processor import BarkProcessor, load_voice_preset_npz, validate_voice_preset
+from .. import options as bark_options
+from ..options import (ATTN_CHOICES, DEFAULT_REPO, DTYPE_CHOICES, RANDOM_MODEL, EngineOptions, Loaded,  # noqa: F401
+                       ModelSource)
 from ..wav import remove_quietly, write_wav_temp
 
-__all__ = ["SpeakError", "Plan", "Loaded", "plan", "load_model", "check_output_path", "check_parent_directory",
-           "check_voice_file", "output_paths", "read_texts", "check_flags", "resolve_device_and_dtype", "set_threads",
-           "write_outputs", "generate_kwargs", "print_model"]
+__all__ = ["SpeakError", "SpeakRequest", "Plan", "Loaded", "plan", "load_model", "check_output_path",
+           "check_parent_directory", "check_voice_file", "output_paths", "read_texts", "check_flags",
+           "resolve_device_and_dtype", "set_threads", "write_outputs", "generate_kwargs", "print_model", "FLAGS"]
 
-DEFAULT_REPO = "suno/bark-small"
-RANDOM_MODEL = "random"
-ATTN_CHOICES = ("auto", "triton", "cuda", "flash_attention_2", "sdpa", "eager")
-DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+# the flag of each engine option: bark.options names them so in its messages
+FLAGS = {"model": "--model", "device": "--device", "dtype": "--dtype", "attn": "--attn", "voice": "--voice",
+         "threads": "--threads"}
 RANDOM_MODEL_SEMANTIC_MAX_NEW_TOKENS = 32  # ~0.6 s of audio: keeps the random bark-small run about a minute on CPU
 SAMPLE_WIDTH_BYTES = 2  # 16-bit PCM
 RANDOM_MODEL_MAX_TEXT_BYTES = 256  # the random model's byte "tokens": as many as Bark's text positions
@@ -42,6 +42,32 @@ THREADS_PER_CORE = 4  # --threads cap: more never helps, and torch crashes on ab
 
 class SpeakError(Exception):
     """A user-facing error: printed without a traceback, exit code 1."""
+
+
+@dataclass(frozen=True)
+class SpeakRequest:
+    """What one ``speak`` run asks for, typed (bark.cli.speak makes it from the parsed flags, once; nothing else
+    reads the argparse namespace). The long-text options are None when not given (``given_longform`` names the
+    flags given, for the check against ``--batch-file``)."""
+
+    output: str
+    text: str | None = None
+    batch_file: str | None = None
+    voice: str | None = None
+    seed: int = 0
+    batch_size: int = 8
+    greedy: bool = False
+    temperature: float | None = None
+    semantic_max_new_tokens: int | None = None
+    quiet: bool = False
+    text_file: str | None = None
+    pause: float | None = None
+    continuity: str | None = None
+    max_piece_tokens: int | None = None
+    wav_per_piece: bool | None = None
+    save_voice: str | None = None
+    offload: bool | None = None
+    given_longform: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -171,90 +197,64 @@ def check_output_path(path: str) -> None:
 # inputs
 
 
-def read_texts(args) -> list[str]:
-    if args.text is not None and args.batch_file is not None:
+def read_texts(request: SpeakRequest) -> list[str]:
+    if request.text is not None and request.batch_file is not None:
         raise SpeakError("give the text either as an argument or with --batch-file, not both")
-    if args.batch_file is not None:
+    if request.batch_file is not None:
         try:
-            with open(args.batch_file, encoding="utf-8") as f:
+            with open(request.batch_file, encoding="utf-8") as f:
                 texts = [line.strip() for line in f]
         except FileNotFoundError:
-            raise SpeakError(f"--batch-file: {args.batch_file!r} does not exist") from None
+            raise SpeakError(f"--batch-file: {request.batch_file!r} does not exist") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise SpeakError(f"--batch-file: cannot read {args.batch_file!r} as UTF-8 text: {e}") from None
+            raise SpeakError(f"--batch-file: cannot read {request.batch_file!r} as UTF-8 text: {e}") from None
         texts = [t for t in texts if t]
         if not texts:
-            raise SpeakError(f"--batch-file: {args.batch_file!r} has no non-empty line")
+            raise SpeakError(f"--batch-file: {request.batch_file!r} has no non-empty line")
         return texts
-    if args.text is None:
+    if request.text is None:
         raise SpeakError('nothing to speak: give a text (bark-kernels speak "Hello." -o out.wav) or --batch-file')
-    if not args.text.strip():
+    if not request.text.strip():
         raise SpeakError("text: empty; give some words to speak")
-    return [args.text]
+    return [request.text]
 
 
-def check_flags(args, outputs: Sequence[str]) -> None:
+def check_flags(request: SpeakRequest, outputs: Sequence[str]) -> None:
     """Flags that contradict each other, or an output that would overwrite an input."""
-    if args.greedy and args.temperature is not None:
-        raise SpeakError(f"--temperature {args.temperature:g}: greedy decoding (--greedy) uses no temperature; drop "
+    if request.greedy and request.temperature is not None:
+        raise SpeakError(f"--temperature {request.temperature:g}: greedy decoding (--greedy) uses no temperature; drop "
                          f"one of the two")
     targets = {os.path.realpath(p) for p in outputs}
-    for flag, path in (("--batch-file", args.batch_file), ("--voice", args.voice),
-                       ("--text-file", getattr(args, "text_file", None))):
+    for flag, path in (("--batch-file", request.batch_file), ("--voice", request.voice),
+                       ("--text-file", request.text_file)):
         if path is not None and os.path.realpath(path) in targets:
-            raise SpeakError(f"--output {args.output!r} would overwrite the {flag} file {path!r}; choose another path")
+            raise SpeakError(f"--output {request.output!r} would overwrite the {flag} file {path!r}; choose another "
+                             f"path")
 
 
-def resolve_device_and_dtype(args):
-    import torch
-
-    from bark_kernels.devices import parse_device
-
-    if args.device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = parse_device(args.device, "--device")
-        except ValueError as e:
-            raise SpeakError(str(e)) from None
-    if args.dtype == "auto":
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, args.dtype)
-    return device, dtype
+def resolve_device_and_dtype(options: EngineOptions):
+    """(torch.device, torch.dtype) of ``--device`` / ``--dtype`` (bark.options.resolve_device)."""
+    with _speak_errors():
+        return bark_options.resolve_device(options.device, options.dtype, FLAGS)
 
 
 def set_threads(threads: int | None, device) -> str | None:
-    """--threads, or on a CPU run of an oversubscribed machine one thread: torch's OpenMP workers then wait on
-    descheduled peers at every op (a decode step measured 6x slower with 2 threads than with 1 at load 2x the cores)."""
-    import torch
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-        return None
-    if device.type != "cpu" or not hasattr(os, "getloadavg"):
-        return None
-    cores = os.cpu_count() or 1
-    load = os.getloadavg()[0]
-    if torch.get_num_threads() > 1 and load > cores:
-        torch.set_num_threads(1)
-        return (
-            f"threads: the machine is busy (load {load:.1f} on {cores} cores), so torch runs on 1 thread; "
-            f"pass --threads N to choose"
-        )
-    return None
+    """--threads, or on a CPU run of an oversubscribed machine one thread (bark.options.set_threads); the note to
+    print when it chose."""
+    return bark_options.set_threads(threads, device, FLAGS)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the model
 
 
-@dataclass
-class Loaded:
-    model: object
-    source: str  # what to print
-    random: bool
-    processor: object | None = None
+@contextlib.contextmanager
+def _speak_errors():
+    """bark.options' errors (which name the flag: FLAGS) become SpeakError: one line, exit code 1."""
+    try:
+        yield
+    except bark_options.OptionError as e:
+        raise SpeakError(str(e)) from None
 
 
 @dataclass
@@ -262,91 +262,54 @@ class Plan:
     """Everything known and checked before a weight is read: where the model comes from, its configuration, the
     processor (tokenizer and voice preset table), the voice preset, the semantic token cap."""
 
-    name: str  # checkpoint directory, repo id or RANDOM_MODEL
-    config: object  # bark.BarkConfig
-    processor: object | None
+    source: ModelSource
     history_prompt: dict | None
     max_new_tokens: int | None  # None: the checkpoint's
 
     @property
+    def name(self) -> str:  # checkpoint directory, repo id or RANDOM_MODEL
+        return self.source.name
+
+    @property
+    def config(self):
+        return self.source.config
+
+    @property
+    def processor(self):
+        return self.source.processor
+
+    @property
     def random(self) -> bool:
-        return self.name == RANDOM_MODEL
+        return self.source.random
 
 
-def plan(args, texts: Sequence[str], device, dtype) -> Plan:
-    name = args.model
-    if name is None:
-        name = DEFAULT_REPO if hub.hub_cached(DEFAULT_REPO) else RANDOM_MODEL
-        if name == RANDOM_MODEL:
+def plan(request: SpeakRequest, options: EngineOptions, texts: Sequence[str], device, dtype) -> Plan:
+    """The checkpoint (or the random model), the voice, the attention backend and the token cap, checked without the
+    weights (bark.options), with what ``speak`` says on the way."""
+    with _speak_errors():
+        source = bark_options.locate_model(options.model, FLAGS)
+        if source.random and source.defaulted:
             print(
                 f"No --model given and {DEFAULT_REPO} is not in the local Hugging Face cache: using the built-in "
                 f"random model.",
                 flush=True,
             )
-    processor = None
-    if name == RANDOM_MODEL:
-        config = bark_config.bark_small_config()
-        for i, text in enumerate(texts):
-            size = len(text.encode("utf-8"))
-            if size > RANDOM_MODEL_MAX_TEXT_BYTES:
-                where = f"line {i + 1} of --batch-file" if args.batch_file is not None else "text"
-                print(f"bark-kernels speak: warning: {where}: {size} UTF-8 bytes; the built-in random model reads the "
-                      f"first {RANDOM_MODEL_MAX_TEXT_BYTES} (one position per byte, no tokenizer), the rest is cut",
-                      file=sys.stderr, flush=True)
-    else:
-        try:
-            config = load_config(name)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            raise SpeakError(f"--model {name}: {e}") from None
-        try:
-            processor = BarkProcessor.from_pretrained(name)
-        except (OSError, ValueError, TypeError) as e:
-            raise SpeakError(f"--model {name}: cannot load its tokenizer / voice presets: {e}") from None
-    history_prompt = load_voice(processor, args.voice, config)
-    check_attention(args.attn, config, device, dtype)
-    return Plan(name, config, processor, history_prompt, semantic_max_new_tokens(args, name, config))
+        if source.random:
+            for i, text in enumerate(texts):
+                size = len(text.encode("utf-8"))
+                if size > RANDOM_MODEL_MAX_TEXT_BYTES:
+                    where = f"line {i + 1} of --batch-file" if request.batch_file is not None else "text"
+                    print(f"bark-kernels speak: warning: {where}: {size} UTF-8 bytes; the built-in random model reads "
+                          f"the first {RANDOM_MODEL_MAX_TEXT_BYTES} (one position per byte, no tokenizer), the rest is "
+                          f"cut", file=sys.stderr, flush=True)
+        history_prompt = bark_options.load_voice(source.processor, request.voice, source.config, FLAGS)
+        bark_options.check_attention(options.attn, source.config, device, dtype, FLAGS)
+    return Plan(source, history_prompt, semantic_max_new_tokens(request.semantic_max_new_tokens, source))
 
 
-def check_attention(attn: str, config, device, dtype) -> None:
-    """The backend that --attn (or BARK_KERNELS_BACKEND) names serves every attention op of this model on this device
-    and dtype; found here rather than at the first attention call, after the load."""
-    import torch
-
-    from bark_kernels import BackendUnavailableError, registry
-
-    requested = bark_config.attn_backend_name(attn)
-    try:
-        env = registry.env_backend()
-    except ValueError as e:
-        raise SpeakError(str(e)) from None
-    if requested is not None:
-        source = f"--attn {attn}"
-    elif env is not None:
-        source = f"{registry.ENV_BACKEND}={env}"
-    else:
-        source = "--attn auto"
-    head_dims = sorted({c.head_dim for c in (config.semantic_config, config.coarse_acoustics_config,
-                                             config.fine_acoustics_config)})
-    for op in ("attention", "attention_with_kvcache", "attention_varlen"):
-        for head_dim in head_dims:
-            try:
-                registry.select(op, device, dtype, head_dim, backend=requested)
-            except (BackendUnavailableError, ValueError) as e:
-                hint = ""
-                name = requested or env
-                if device.type == "cpu" and name in registry.BACKENDS and \
-                        registry.why_not(name, "attention", device, torch.float32, 64) is not None:
-                    fix = ("use --attn auto, sdpa or eager" if requested
-                           else f"unset {registry.ENV_BACKEND} or set it to sdpa or eager")
-                    note = "; Triton's kernels run on a CPU only under TRITON_INTERPRET=1, slowly" \
-                        if name == "triton" else ""
-                    hint = f" (on a CPU: {fix}{note})"
-                raise SpeakError(f"{source}: {e}{hint}") from None
-
-
-def semantic_max_new_tokens(args, name: str, config) -> int | None:
-    max_new = args.semantic_max_new_tokens
-    if max_new is None and name == RANDOM_MODEL:
+def semantic_max_new_tokens(max_new: int | None, source: ModelSource) -> int | None:
+    config = source.config
+    if max_new is None and source.random:
         max_new = RANDOM_MODEL_SEMANTIC_MAX_NEW_TOKENS
     prompt = config.generation_config.semantic_config.max_input_semantic_length
     limit = config.semantic_config.block_size - prompt
@@ -356,60 +319,19 @@ def semantic_max_new_tokens(args, name: str, config) -> int | None:
     return max_new
 
 
-def load_model(args, plan: Plan, device, dtype) -> Loaded:
-    import torch
-
-    if plan.random:
-        torch.manual_seed(args.seed)
-        try:
-            model = BarkModel(plan.config, attn_implementation=args.attn)
-        except (ValueError, TypeError, RuntimeError) as e:
-            raise SpeakError(f"--attn {args.attn}: {e}") from None
-        model = model.to(device=device, dtype=dtype).eval()
-        return Loaded(model, "built-in random model with bark-small's shapes (NOT trained)", True)
-    try:
-        model = BarkModel.from_pretrained(plan.name, attn_implementation=args.attn, dtype=dtype, device=device)
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
-        raise SpeakError(f"--model {plan.name}: {e}") from None
-    return Loaded(model.eval(), plan.name, False, plan.processor)
+def load_model(options: EngineOptions, plan: Plan, device, dtype) -> Loaded:
+    """The weights (bark.options.load_model): the random model's are drawn after torch.manual_seed(--seed)."""
+    with _speak_errors():
+        return bark_options.load_model(plan.source, options.attn, device, dtype, options.init_seed, FLAGS)
 
 
-def load_voice(processor, voice: str | None, config):
-    if voice is None:
-        return None
-    gen = config.generation_config
-    bounds = dict(n_coarse_codebooks=gen.coarse_acoustics_config.n_coarse_codebooks,
-                  n_fine_codebooks=gen.fine_acoustics_config.n_fine_codebooks,
-                  semantic_vocab_size=gen.semantic_config.semantic_vocab_size, codebook_size=gen.codebook_size)
-    import torch
-
-    if processor is not None:
-        try:
-            preset = processor.load_voice_preset(voice)
-            validate_voice_preset(preset, source=f"--voice {voice!r}", **bounds)  # this checkpoint's sizes
-            return preset
-        except (OSError, ValueError, TypeError) as e:
-            raise SpeakError(f"--voice: {e}") from None
-    path = voice if voice.endswith(".npz") else voice + ".npz"
-    if not os.path.isfile(path):
-        raise SpeakError(
-            f"--voice: the built-in random model has no named voice presets; expected an .npz file, "
-            f"{path!r} does not exist"
-        )
-    try:
-        arrays = validate_voice_preset(load_voice_preset_npz(path), source=f"--voice {path!r}", **bounds)
-    except (OSError, ValueError, TypeError) as e:
-        raise SpeakError(str(e)) from None
-    return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
-
-
-def generate_kwargs(args, plan: Plan) -> dict:
+def generate_kwargs(request: SpeakRequest, plan: Plan) -> dict:
     """generate's keyword arguments from the options: sampling or greedy, the temperature of the semantic and coarse
     stages, the semantic token cap."""
-    kwargs: dict = {"do_sample": not args.greedy}
-    if args.temperature is not None:
-        kwargs["semantic_temperature"] = args.temperature
-        kwargs["coarse_temperature"] = args.temperature
+    kwargs: dict = {"do_sample": not request.greedy}
+    if request.temperature is not None:
+        kwargs["semantic_temperature"] = request.temperature
+        kwargs["coarse_temperature"] = request.temperature
     if plan.max_new_tokens is not None:
         kwargs["semantic_max_new_tokens"] = plan.max_new_tokens
     return kwargs

@@ -7,9 +7,11 @@
         [--text-file story.txt] [--pause S] [--continuity preset|previous] [--max-piece-tokens N]
         [--wav-per-piece] [--save-voice PATH.npz] [--offload]
 
-A text (the argument or ``--text-file``) of any length is spoken as one recording: split into sentences, generated
-``--batch-size`` pieces at a time and appended to the WAV as each piece is finished (bark.cli.longform).
-``--batch-file`` speaks each line as its own short text, one WAV per line (this module).
+The parsed flags become, once, here (:func:`request_and_options`), one typed :class:`bark.cli.setup.SpeakRequest` and
+one ``bark.EngineOptions``; nothing below reads the argparse namespace. Both paths run through a ``bark.Engine``
+(``--batch-size`` rows per batch). A text (the argument or ``--text-file``) of any length is spoken as one recording:
+one request, split into sentences, its pieces appended to the WAV as each is finished (bark.cli.longform).
+``--batch-file`` speaks each line as its own short text, one request and one WAV per line (this module).
 
 Without ``--model`` it uses suno/bark-small when that is in the local Hugging Face cache; otherwise (a fresh machine,
 no network) it runs a built-in randomly initialised model with bark-small's real shapes, says so plainly (the audio is
@@ -48,6 +50,7 @@ from .setup import (
     RANDOM_MODEL,
     RANDOM_MODEL_SEMANTIC_MAX_NEW_TOKENS,
     SpeakError,
+    SpeakRequest,
     check_flags,
     check_output_path,
     check_voice_file,
@@ -65,10 +68,13 @@ from .setup import (
     threads_int,
     write_outputs,
 )
+from ..engine import Engine, SpeechRequest
 from ..longform import ByteTextEncoder
+from ..options import EngineOptions
 from ..wav import write_wav_atomic
 
-__all__ = ["speak_main", "add_speak_parser", "build_speak_parser", "run_speak", "write_wav_atomic", "SpeakError"]
+__all__ = ["speak_main", "add_speak_parser", "build_speak_parser", "run_speak", "request_and_options",
+           "write_wav_atomic", "SpeakError"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,13 +168,28 @@ def speak_main(argv: list[str] | None = None) -> int:
 # the command
 
 
+def request_and_options(args: argparse.Namespace) -> tuple[SpeakRequest, EngineOptions]:
+    """The parsed flags as one typed request and one set of engine options: the only reader of the namespace."""
+    request = SpeakRequest(
+        output=args.output, text=args.text, batch_file=args.batch_file, voice=args.voice, seed=args.seed,
+        batch_size=args.batch_size, greedy=args.greedy, temperature=args.temperature,
+        semantic_max_new_tokens=args.semantic_max_new_tokens, quiet=args.quiet, text_file=args.text_file,
+        pause=args.pause, continuity=args.continuity, max_piece_tokens=args.max_piece_tokens,
+        wav_per_piece=args.wav_per_piece, save_voice=args.save_voice, offload=args.offload,
+        given_longform=cli_longform.given_longform(args))
+    options = EngineOptions(model=args.model, device=args.device, dtype=args.dtype, attn=args.attn,
+                            offload=bool(args.offload), threads=args.threads, max_batch=args.batch_size,
+                            init_seed=args.seed)
+    return request, options
+
+
 def run_speak(args: argparse.Namespace) -> int:
     """Run ``speak`` with parsed arguments; returns the exit code. User errors print one line to stderr."""
     import torch
 
     threads = torch.get_num_threads()
     try:
-        return _run(args)
+        return _run(*request_and_options(args))
     except SpeakError as e:
         text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, whatever came
         print(f"bark-kernels speak: error: {text}", file=sys.stderr)
@@ -180,77 +201,69 @@ def run_speak(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)  # speak_main may run inside a larger program (tests): leave torch as found
 
 
-def _run(args: argparse.Namespace) -> int:
-    if cli_longform.wanted(args):  # a text of any length (the argument or --text-file): one recording, piece by piece
-        return cli_longform.run(args)
+def _run(request: SpeakRequest, options: EngineOptions) -> int:
+    if cli_longform.wanted(request):  # a text of any length (the argument or --text-file): one recording, in pieces
+        return cli_longform.run(request, options)
     # --batch-file: one WAV per line. Everything that can be checked without the weights is checked first: a mistake
     # costs no model load.
-    texts = read_texts(args)
-    outputs = output_paths(args.output, len(texts))
-    check_flags(args, outputs)
+    texts = read_texts(request)
+    outputs = output_paths(request.output, len(texts))
+    check_flags(request, outputs)
     for path in outputs:
         check_output_path(path)
-    check_voice_file(args.voice)
+    check_voice_file(request.voice)
 
     import torch
 
     from bark_kernels import BackendUnavailableError
 
-    device, dtype = resolve_device_and_dtype(args)
-    setup = plan(args, texts, device, dtype)
-    if setup.processor is not None:
-        encoded = setup.processor.encode_text(texts)
-        all_ids, all_mask = encoded["input_ids"], encoded["attention_mask"]
-    else:
-        all_ids, all_mask = ByteTextEncoder().encode(texts)
-    threads_note = set_threads(args.threads, device)
+    device, dtype = resolve_device_and_dtype(options)
+    setup = plan(request, options, texts, device, dtype)
+    threads_note = set_threads(options.threads, device)
 
     t0 = time.perf_counter()
-    loaded = load_model(args, setup, device, dtype)
+    loaded = load_model(options, setup, device, dtype)
     model = loaded.model
     load_s = time.perf_counter() - t0
     history_prompt = setup.history_prompt
 
-    gen_kwargs = generate_kwargs(args, setup)
+    gen_kwargs = generate_kwargs(request, setup)
     max_new = setup.max_new_tokens
     semantic_total = max_new if max_new is not None else model.generation_config.semantic_config.max_new_tokens
     sample_rate = int(model.sampling_rate)
 
-    print_model(loaded, device, dtype, args.attn)
+    print_model(loaded, device, dtype, options.attn)
     if threads_note:
         print(threads_note, flush=True)
-    mode = "greedy" if args.greedy else f"sampling (seed {args.seed})"
+    mode = "greedy" if request.greedy else f"sampling (seed {request.seed})"
     print(f"texts:  {len(texts)}  decoding: {mode}  semantic_max_new_tokens: {semantic_total}", flush=True)
 
-    monitor = StageMonitor(show=not args.quiet)
+    monitor = StageMonitor(show=not request.quiet)
     rows: list[np.ndarray] = []
-    gen_s = 0.0
+    # one request per line, each spoken as one piece (as generate reads it: its first 256 text tokens), with the seed
+    # --seed + its line index; all queued at once, so the engine batches --batch-size lines together
+    encoder = setup.processor if setup.processor is not None else ByteTextEncoder()
+    engine = Engine(model, encoder, max_batch=options.max_batch, max_wait=options.max_wait,
+                    max_queue=max(options.max_queue, len(texts)), generate_kwargs=gen_kwargs,
+                    callback=lambda info, event: monitor(event), decode_mode=options.decode_mode)
+    t1 = time.perf_counter()
     try:
-        for start in range(0, len(texts), args.batch_size):
-            input_ids = all_ids[start : start + args.batch_size]
-            attention_mask = all_mask[start : start + args.batch_size]
-            torch.manual_seed(args.seed + start)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t1 = time.perf_counter()
-            try:
-                audio, lengths = model.generate(
-                    input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    history_prompt=history_prompt,
-                    return_output_lengths=True,
-                    callback=monitor,
-                    **gen_kwargs,
-                )
-            except (ValueError, TypeError, BackendUnavailableError) as e:
-                raise SpeakError(f"generation failed: {e}") from None
-            except getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError) as e:
-                raise SpeakError(f"generation failed: out of memory on {device} ({str(e).splitlines()[0]}); try a "
-                                 f"smaller --batch-size") from None
-            gen_s += time.perf_counter() - t1
-            audio = audio.float().cpu().numpy()
-            rows.extend(audio[b, : int(n)] for b, n in enumerate(lengths))
+        try:
+            handles = engine.submit_many([SpeechRequest(text, voice=history_prompt, seed=request.seed + i, split=False)
+                                          for i, text in enumerate(texts)])
+            for handle in handles:
+                rows.extend(piece.audio for piece in handle.result())
+        except (ValueError, TypeError, BackendUnavailableError) as e:
+            raise SpeakError(f"generation failed: {e}") from None
+        except getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError) as e:
+            raise SpeakError(f"generation failed: out of memory on {device} ({str(e).splitlines()[0]}); try a "
+                             f"smaller --batch-size") from None
+        gen_s = time.perf_counter() - t1
+    except KeyboardInterrupt:
+        engine.close(cancel=True, timeout=5)
+        raise
     finally:
+        engine.close(cancel=True)
         monitor.close()
 
     written = write_outputs(outputs, rows, sample_rate)
