@@ -79,7 +79,11 @@ def add_longform_arguments(parser: argparse.ArgumentParser) -> None:
 
 def given_longform(args: argparse.Namespace) -> tuple[str, ...]:
     """The long-form options given on the command line (their dests)."""
-    return tuple(name for name in LONGFORM_ONLY if getattr(args, name, None) is not None)
+    given = []
+    for name in LONGFORM_ONLY:
+        if getattr(args, name, None) is not None:
+            given.append(name)
+    return tuple(given)
 
 
 def wanted(request: SpeakRequest) -> bool:
