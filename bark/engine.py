@@ -19,7 +19,7 @@ What happens to a request:
 2. The pieces whose conditioning is known become *ready*: all of them for ``continuity="preset"`` with a voice; the
    first one alone otherwise (its generation becomes the voice of the rest, or, for ``"previous"``, of the next).
 3. One worker thread owns the model. It forms a batch from the ready pieces of *all* requests, oldest first, of one
-   *batch key* (the same generation settings; a seeded sampled piece has its own key, see below), up to
+   *batch key* (the same generation settings, whatever the seeds: see below), up to
    ``max_batch`` rows; when fewer are ready it waits up to ``max_wait`` seconds after the oldest became ready for
    more to come. The batch runs as one ragged ``generate`` call, in which every row keeps its own text, voice and
    end, and equals that piece generated alone (bark.longform, bark.generation).

@@ -12,8 +12,12 @@ Sentence boundaries (rules, no model; see :func:`split_sentences`):
 * a period after a known abbreviation does not end a sentence: titles and Latin short forms (``Dr.``, ``Mr.``,
   ``St.``, ``e.g.``, ``i.e.``, ``vs.``, ``approx.`` ...) never do; others (``etc.``, ``Inc.``, ``a.m.``, ``U.S.``,
   month names ...) only when the next word starts with a capital letter; single capital initials (``J. K.``) never;
-* an ellipsis (``...``, ``…``) ends a sentence only when the next word does not start in lower case;
-* after a closing quote, a next word in lower case continues the sentence (``"Stop!" he said.``);
+* an ellipsis (``...``, ``…``, spaced ``. . .``) ends a sentence only when the next word does not start in lower
+  case or a digit;
+* a next word in lower case continues the sentence after ``!``, ``?``, an ellipsis or a closing quote
+  (``"Stop!" he said.``, ``Yahoo! in``), and after a period that follows a word of at most 5 letters (an unlisted
+  abbreviation: ``Admón. es``); ``“`` and ``‘`` right after a terminator close a quote (German ``„so.“``);
+* single capital initials of any script never end a sentence; a fullwidth period between digits is a decimal point;
 * CJK and other scripts' terminators (``。！？``, fullwidth ``．``, Arabic ``؟ ۔``, Devanagari ``। ॥``, Ethiopic
   ``።``, Armenian ``։``, Burmese ``။``, Tibetan ``།``, Greek ``;``) end a sentence with or without a following space;
 * a blank line always ends one; single line breaks are spaces (wrapped text).
@@ -62,6 +66,7 @@ _OPENERS = "\"'\u201c\u2018\u00ab\u2039([{\u300c\u300e\uff08\u300a\u3008\u3010\u
 _RUN = re.compile(f"(?:\\.(?: \\.)+|[{re.escape(_TERMINATORS)}])+[{re.escape(_CLOSERS)}]*")
 _PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 _SPACE = re.compile(r"\s+")
+_SHORT_WORD = 5  # a word this short before a period and a lower-case next word: an abbreviation
 _INITIAL = re.compile(r"^(?!I$)[^\W\d_]$")  # one letter (capital: checked by the caller), not "I", a word
 _DOTTED = re.compile(r"^[^\W\d_]{1,3}(?:\.[^\W\d_]{1,3})+$")  # U.S, e.g, a.m, Ph.D, Л.Н (letters of any script)
 
@@ -93,8 +98,8 @@ def _is_boundary(text: str, start: int, end: int) -> bool:
         return not (terms == "\uff0e" and after[:1].isdigit())  # fullwidth decimals: ３．２９
     if after[:1] and not after[:1].isspace():
         return False  # 3.14, e.g. inside e.g., example.com, "?!" followed by a letter ...
-    if nxt.islower():
-        return False  # '"Stop!" he said.', 'She works at Yahoo! in ...', 'Admón. es ...': a sentence starts otherwise
+    if nxt.islower() and (closed or "." not in terms or terms.count(".") >= 2):
+        return False  # '"Stop!" he said.', 'She works at Yahoo! in ...', 'then ... and': a new sentence is capitalised
     if terms.count(".") >= 2 or _ELLIPSIS in terms:
         return not nxt.islower() and not nxt.isdigit()  # an ellipsis: a pause unless a new sentence starts
     if "!" in terms or "?" in terms:
@@ -105,6 +110,8 @@ def _is_boundary(text: str, start: int, end: int) -> bool:
     low = word.lower()
     if low in ABBREVIATIONS_NEVER_FINAL or (_INITIAL.match(word) and word.isupper()):
         return False
+    if nxt.islower() and len(word) <= _SHORT_WORD:
+        return False  # an abbreviation we do not list: 'Admón. es', 'Núm. de'; a long word ends a sentence anyway
     if low in ABBREVIATIONS_MAYBE_FINAL or _DOTTED.match(word):
         return nxt.isupper()
     return True
