@@ -22,8 +22,8 @@ A sentence that fails after the first has gone out cannot change the status any 
 away has its request cancelled at once (its waiting sentences never reach a batch).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the endpoint annotations (the body model is local to
+# create_app, so as strings they would not resolve).
 import asyncio
 import base64
 import json
@@ -343,7 +343,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
         """A streamed response tied to a request's handle: the client going away (an ``http.disconnect`` while the
         stream waits for the next piece, or a failed send) cancels the request at once."""
 
-        def __init__(self, content, handle: RequestHandle, stats: dict, **kwargs) -> None:
+        def __init__(self, content, handle: "RequestHandle", stats: dict, **kwargs) -> None:
             super().__init__(content, **kwargs)
             self._handle, self._stats = handle, stats
 
