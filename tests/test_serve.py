@@ -75,6 +75,10 @@ def test_openai_client_gets_valid_wav_and_pcm(server):
                                               extra_body={"greedy": True})
         samples = pcm_of(response.content, fmt)
         np.testing.assert_array_equal(samples, reference)  # both alone: the same code path, bit for bit
+    with client.audio.speech.with_streaming_response.create(model="tts-1", voice=VOICE, input=THREE,
+                                                            response_format="pcm", extra_body={"greedy": True}) as r:
+        streamed = b"".join(r.iter_bytes())  # the README's streaming call
+    np.testing.assert_array_equal(pcm_of(streamed, "pcm"), reference)
     wav = client.audio.speech.create(model="tiny-bark", voice=VOICE, input=THREE, response_format="wav",
                                      extra_body={"greedy": True}).content
     import wave
@@ -327,6 +331,35 @@ def test_a_generation_error_fails_that_request_only(tiny):
         assert _speech(s.url, input="And again.").status_code == 200
         health = httpx.get(f"{s.url}/health").json()
         assert health["status"] == "ok" and health["failed"] == 1
+
+
+@pytest.mark.parametrize("stream_format", ["audio", "sse"])
+def test_a_sentence_failing_after_the_first_cuts_the_stream(tiny, stream_format):
+    """The status went out with the first sentence: a later failure ends an SSE stream with an error event and cuts
+    an audio stream before its final chunk (the client sees an incomplete response, not a short file)."""
+    with serving(tiny[1], max_batch=1) as s:
+        generate = s.engine._generate
+
+        def failing(batch):
+            if any("explode" in job.text for job in batch):
+                raise RuntimeError("the model exploded")
+            return generate(batch)
+
+        s.engine._generate = failing
+        body = {"input": "First is fine. Then explode.", "voice": VOICE, "greedy": True, "response_format": "pcm",
+                "stream_format": stream_format}
+        with httpx.stream("POST", f"{s.url}/v1/audio/speech", json=body, timeout=60) as response:
+            assert response.status_code == 200
+            if stream_format == "sse":
+                events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+                assert [e["type"] for e in events] == ["speech.audio.delta", "error"]
+                assert events[1]["error"]["message"] == "generation failed: RuntimeError: the model exploded"
+            else:
+                with pytest.raises(httpx.RemoteProtocolError):
+                    for _ in response.iter_raw():
+                        pass
+        assert _speech(s.url, input="Still here.").status_code == 200
+        assert httpx.get(f"{s.url}/health").json()["failed"] == 1
 
 
 def test_models_voices_health_and_page(server):

@@ -365,6 +365,10 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
             except OSError:
                 self._handle.cancel()
                 self._stats["cancelled"] += 1
+            except Exception as error:  # noqa: BLE001 - a later sentence failed: cut the stream (no final chunk)
+                self._stats["failed"] += 1
+                logger.warning("serve: request %d failed mid-stream, the response is cut: %s", self._handle.id,
+                               _one_line(error))
             else:
                 self._stats["served"] += 1
             finally:
