@@ -1,8 +1,8 @@
 """Serving benchmark: requests/s and time to first / last audio of ``bark-kernels serve``'s app under 1, 4, 8 and 16
 concurrent clients, with batching (``--max-batch``, default 8) and without (``--max-batch 1``).
 
-``python -m benchmarks.serve --out DIR [--model small4|small|tiny|bark-small] [--clients 1,4,8,16]
-[--requests-per-client 2] [--max-batch 8] [--max-wait-ms 20] [--semantic-tokens 24] [--threads 1] [--quick]``
+``python -m benchmarks.serve --out DIR [--model small|small4|tiny|bark-small] [--clients 1,4,8,16]
+[--requests-per-client 2] [--max-batch 8] [--max-wait-ms 20] [--semantic-tokens 96] [--threads 1] [--quick]``
 
 The app (bark.serve.create_app over one bark.Engine) runs under uvicorn on 127.0.0.1 and a free port in this process;
 each client is a thread with its own HTTP connection that sends its requests one after the other (a new one as soon
@@ -12,8 +12,9 @@ sentence text (its own per client and request), spoken greedily with one voice p
 ready at once and batch with those of the other clients. A random model does not know when to stop: every sentence
 runs to ``--semantic-tokens`` semantic tokens (the stage caps), so every mode does the same work.
 
-The default model, ``small4``, has bark-small's widths (768 wide, 12 heads) and real vocabularies, windows and codec,
-with 4 layers per sub-model instead of 12 (so a CPU run stays in minutes). For each concurrency the two modes run back
+The default model, ``small`` (benchmarks.e2e: bark-small's vocabularies, windows and codec, 4 layers of width 256 in
+every sub-model, as the long-form benchmark uses), keeps a CPU run in minutes; ``small4`` has bark-small's widths (768,
+12 heads) with 4 layers (about 5x slower on a CPU), ``bark-small`` the real shapes. For each concurrency the two modes run back
 to back (batching first, then without; the order alternates between concurrencies). Recorded: requests/s (requests /
 wall time of the level), p50/p95 of both times, batches and rows the engine ran, the machine's 1-minute load before
 and after each level, the CPU time other processes took (benchmarks.report.CpuContention), and versions. Results go
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import socket
 import sys
@@ -189,12 +189,13 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory for serve.json and serve.md")
-    parser.add_argument("--model", default="small4", choices=("small4", "small", "tiny", "bark-small"))
+    parser.add_argument("--model", default="small", choices=("small", "small4", "tiny", "bark-small"))
     parser.add_argument("--clients", default="1,4,8,16", help="comma-separated concurrency levels")
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-batch", type=int, default=8, help="the batching mode's --max-batch (the other is 1)")
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
-    parser.add_argument("--semantic-tokens", type=int, default=24)
+    parser.add_argument("--semantic-tokens", type=int, default=96,
+                        help="semantic tokens per sentence (default 96: ~1.9 s of speech, a short sentence)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the CPU target's)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--quick", action="store_true", help="1 request per client, clients 1,8, tiny model")

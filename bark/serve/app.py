@@ -34,7 +34,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
 
 from ..engine import Engine, EngineClosedError, QueueFullError, RequestCancelled, RequestHandle, SpeechRequest
 from ..longform import DEFAULT_PAUSE
