@@ -198,10 +198,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="semantic tokens per sentence (default 96: ~1.9 s of speech, a short sentence)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the CPU target's)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--quick", action="store_true", help="1 request per client, clients 1,8, tiny model")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 1 request per client, clients 1,4, the tiny model, 24 semantic tokens")
     args = parser.parse_args(argv)
     if args.quick:
-        args.requests_per_client, args.clients, args.model = 1, "1,8", "tiny"
+        args.requests_per_client, args.clients, args.model, args.semantic_tokens = 1, "1,4", "tiny", 24
     clients = [int(c) for c in args.clients.split(",")]
     if any(c < 1 for c in clients) or args.requests_per_client < 1 or args.max_batch < 2:
         parser.error("--clients and --requests-per-client: expected integers >= 1; --max-batch: >= 2")

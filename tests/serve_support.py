@@ -4,6 +4,7 @@ server on 127.0.0.1 and an ephemeral port, in a thread of the test process, stop
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from bark.longform import ByteTextEncoder
 
 SEMANTIC_TOKENS = 12  # semantic tokens per sentence at most: a sentence is generated in ~0.1 s on a CPU
 VOICE = "tiny"  # the name the server knows the test voice by
+PRESET = "v2/tiny_speaker"  # the tiny checkpoint's one voice preset (the same arrays)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 VOCAB = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(LETTERS) + list(LETTERS.upper())
          + ["##" + c for c in LETTERS + LETTERS.upper()] + list(".,;:!?'\""))
@@ -27,6 +29,12 @@ def tiny_checkpoint(path) -> None:
     bark_tiny.save_tiny_bark(path, seed=3, hidden_size=32, num_layers=2, num_heads=2)
     (path / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
     (path / "tokenizer_config.json").write_text('{"do_lower_case": false}', encoding="utf-8")
+    (path / "speaker_embeddings").mkdir()
+    table = {}
+    for key, array in voice().items():  # one named preset, PRESET: the test voice
+        np.save(path / "speaker_embeddings" / f"tiny_{key}.npy", array)
+        table[key] = f"speaker_embeddings/tiny_{key}.npy"
+    (path / "speaker_embeddings_path.json").write_text(json.dumps({PRESET: table}), encoding="utf-8")
 
 
 def tiny_model(path):

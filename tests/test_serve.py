@@ -30,7 +30,7 @@ httpx = pytest.importorskip("httpx", reason="the server's extra is not installed
 
 import bark  # noqa: E402
 from bark.wav import to_pcm16  # noqa: E402
-from serve_support import VOICE, Gate, pcm_of, serving, tiny_checkpoint, tiny_model, voice  # noqa: E402
+from serve_support import PRESET, VOICE, Gate, pcm_of, serving, tiny_checkpoint, tiny_model, voice  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 THREE = "Hello there. How are you today? Fine, thanks."
@@ -425,14 +425,19 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(tiny, tmp_path):
         assert url is not None, process.stderr.read()
         results: dict = {}
 
-        def client(i):
-            results[i] = httpx.post(f"{url}/v1/audio/speech", timeout=120, json={
-                "input": f"Request {i}. It has two sentences.", "response_format": "wav"})
+        voices = httpx.get(f"{url}/v1/audio/voices").json()
+        assert voices["voices"] == ["mine", PRESET] and voices["default"] == "mine"
+
+        def client(i):  # the default voice (--voice mine), or the checkpoint's preset by name
+            body = {"input": f"Request {i}. It has four sentences. One more. The last.", "response_format": "wav"}
+            results[i] = httpx.post(f"{url}/v1/audio/speech", timeout=120,
+                                    json={**body, "voice": PRESET} if i == 0 else body)
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
         for t in threads:
             t.start()
-        _wait_for(lambda: httpx.get(f"{url}/health").json()["queue_depth"] == 3, what="three requests in flight")
+        _wait_for(lambda: httpx.get(f"{url}/health").json()["requests"] == 3, what="three requests accepted")
+        in_flight = httpx.get(f"{url}/health").json()["queue_depth"]
         process.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(120)
@@ -442,9 +447,10 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(tiny, tmp_path):
             process.kill()
             process.communicate()
     assert process.returncode == 0, err
+    assert in_flight >= 2  # 12 sentences one at a time: most of them were still to come at SIGTERM
     for i in range(3):
         assert results[i].status_code == 200, results[i].text
-        assert int(results[i].headers["X-Pieces"]) == 2 and pcm_of(results[i].content, "wav").size > 0
+        assert int(results[i].headers["X-Pieces"]) == 4 and pcm_of(results[i].content, "wav").size > 0
     assert "stopped: 3 requests served, 0 failed, 0 cancelled" in out, out
     assert "Traceback" not in err, err
     with pytest.raises(httpx.ConnectError):

@@ -102,7 +102,6 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
     formats = list(STREAMED_FORMATS) + [f for f in WHOLE_FORMATS if writable[f] is None]
     started = time.time()
     stats = {"requests": 0, "served": 0, "failed": 0, "cancelled": 0, "refused_full": 0}
-    voice_cache: dict[str, Any] = {}
 
     class SpeechBody(BaseModel):
         """OpenAI's speech request, with Bark's extras (seed, temperature, greedy)."""
@@ -165,9 +164,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
         if name in settings.voices:
             return settings.voices[name]
         if name in settings.presets:
-            if name not in voice_cache:
-                voice_cache[name] = engine.processor.load_voice_preset(name)
-            return voice_cache[name]
+            return name  # the engine's processor loads (and checks) the preset: a known name, never a path
         known = list(settings.voices) + list(settings.presets)
         listed = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "")
         raise APIError(400, f"voice: unknown voice {name!r}; expected one of GET /v1/audio/voices"
