@@ -214,9 +214,10 @@ def _run(args: argparse.Namespace) -> int:
         elif named_voice is not None:
             if named_voice not in voices and named_voice not in presets:
                 known = list(voices) + list(presets)
+                listed = (f" (known: {', '.join(known[:10])}{' ...' if len(known) > 10 else ''})" if known
+                          else " (there are none: give an .npz file)")
                 raise SpeakError(f"--voice: {named_voice!r} is neither a preset of the model nor a name from "
-                                 f"--voices-dir" + (f" (known: {', '.join(known[:10])}{' ...' if len(known) > 10 else ''})"
-                                                    if known else " (there are none: give an .npz file)"))
+                                 f"--voices-dir{listed}")
             default_voice = named_voice
         threads_note = set_threads(args.threads, device)
         t0 = time.perf_counter()

@@ -111,7 +111,9 @@ async function speak() {
       const { done, value } = await reader.read();
       if (done) break;
       let bytes = value;
-      if (odd.length) { bytes = new Uint8Array(odd.length + value.length); bytes.set(odd); bytes.set(value, odd.length); }
+      if (odd.length) {
+        bytes = new Uint8Array(odd.length + value.length); bytes.set(odd); bytes.set(value, odd.length);
+      }
       const even = bytes.length - (bytes.length % 2);
       odd = bytes.slice(even);
       const pcm = bytes.slice(0, even);
