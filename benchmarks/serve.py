@@ -18,8 +18,8 @@ every sub-model, as the long-form benchmark uses), keeps a CPU run in minutes; `
 run back to back (batching first, then without; the order alternates between concurrencies). Recorded: requests/s
 (requests / wall time of the level), p50/p95 of both times, batches and rows the engine ran, the machine's 1-minute
 load before and after each level, the CPU time other processes took (benchmarks.report.CpuContention), and versions.
-Results go to ``DIR/serve.json`` and ``DIR/serve.md``; the target (docs/serve.md): at 8 clients, batching serves >= 1.4x the
-requests/s of ``--max-batch 1`` on a CPU (>= 4x on a GPU).
+Results go to ``DIR/serve.json`` and ``DIR/serve.md``; the target (docs/serve.md): at 8 clients, batching serves
+>= 1.4x the requests/s of ``--max-batch 1`` on a CPU (>= 4x on a GPU).
 """
 
 from __future__ import annotations
