@@ -159,7 +159,7 @@ def run_level(model, clients: int, requests_per_client: int, max_batch: int, max
     ttfa = [r["ttfa"] for r in results if r["ttfa"] is not None]
     ttla = [r["ttla"] for r in results]
     return {"clients": clients, "max_batch": max_batch, "requests": len(results), "errors": errors,
-            "wall_s": round(wall, 3), "requests_per_s": round(len(results) / wall, 4) if wall > 0 else None,
+            "wall_s": round(wall, 6), "requests_per_s": round(len(results) / wall, 6) if wall > 0 else None,
             "ttfa_p50_s": _pct(ttfa, 50), "ttfa_p95_s": _pct(ttfa, 95), "ttla_p50_s": _pct(ttla, 50),
             "ttla_p95_s": _pct(ttla, 95), "batches": batches, "rows": rows,
             "rows_per_batch": round(rows / batches, 2) if batches else None,
@@ -174,9 +174,12 @@ def table(result: dict) -> str:
              f"{result['config']['max_wait_ms']} ms. Times in seconds.", "",
              "| clients | max batch | requests/s | first audio p50 | p95 | last audio p50 | p95 | rows/batch | "
              "load before/after | others' cores |", "|---|---|---|---|---|---|---|---|---|---|"]
+    def f(x, spec=".3f"):
+        return "-" if x is None else format(x, spec)
+
     for r in result["runs"]:
-        lines.append(f"| {r['clients']} | {r['max_batch']} | {r['requests_per_s']} | {r['ttfa_p50_s']} | "
-                     f"{r['ttfa_p95_s']} | {r['ttla_p50_s']} | {r['ttla_p95_s']} | {r['rows_per_batch']} | "
+        lines.append(f"| {r['clients']} | {r['max_batch']} | {f(r['requests_per_s'], '.4g')} | {f(r['ttfa_p50_s'])} | "
+                     f"{f(r['ttfa_p95_s'])} | {f(r['ttla_p50_s'])} | {f(r['ttla_p95_s'])} | {r['rows_per_batch']} | "
                      f"{r['load_before']}/{r['load_after']} | {r['other_processes_cores']} |")
     lines += ["", "| clients | batching / max-batch 1 (requests/s) |", "|---|---|"]
     lines += [f"| {c} | {s} |" for c, s in result["speedup"].items()]
