@@ -125,11 +125,12 @@ def _client(url: str, index: int, requests: int, out: list, errors: list, start:
             except Exception as e:  # noqa: BLE001 - reported, the level counts it
                 errors.append(f"{type(e).__name__}: {e}")
                 continue
-            out.append({"ttfa": first, "ttla": time.perf_counter() - t0, "bytes": size})
+            end = time.perf_counter()
+            out.append({"ttfa": first, "ttla": end - t0, "bytes": size, "start": t0, "end": end})
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 4) if values else None
+    return round(float(np.percentile(values, q)), 6) if values else None
 
 
 def run_level(model, clients: int, requests_per_client: int, max_batch: int, max_wait: float,
@@ -148,10 +149,10 @@ def run_level(model, clients: int, requests_per_client: int, max_batch: int, max
         for t in threads:
             t.start()
         barrier.wait()
-        t0 = time.perf_counter()
         for t in threads:
             t.join()
-        wall = time.perf_counter() - t0
+        # the level's wall time: from the first request's start to the last one's end (the clients' own clocks)
+        wall = (max(r["end"] for r in results) - min(r["start"] for r in results)) if results else 0.0
         others = contention.others_cores()
         batches, rows = server.engine.batches, server.engine.rows
     finally:
