@@ -83,10 +83,10 @@ BARK_LAYERS = [
     {"bark.model", "bark.offload", "bark.voice"},
     {"bark.longform", "bark.options"},
     {"bark.engine"},
-    {"bark", "bark.cli.progress", "bark.cli.setup"},
-    {"bark.cli.longform"},
-    {"bark.cli.speak"},
-    {"bark.cli"},
+    {"bark", "bark.cli.progress", "bark.cli.setup", "bark.serve.audio", "bark.serve.page"},
+    {"bark.cli.longform", "bark.serve.app"},
+    {"bark.cli.speak", "bark.serve"},
+    {"bark.cli", "bark.cli.serve"},
 ]
 
 
