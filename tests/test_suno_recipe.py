@@ -117,13 +117,17 @@ def _logit_scale(model) -> float:
 
 
 CASES = {
-    # suno's defaults (T 0.7 / 0.7 / 0.5, min_eos_p 0.2, no top-k/top-p)
-    "defaults": dict(kwargs={}, suno_sem={}, suno_coarse={}, fine_temp=0.5, window=60),
-    # top-p and top-k (suno's generate_text_semantic / generate_coarse take them), fine at 1.0, an odd window
+    # suno's defaults (T 0.7 / 0.7 / 0.5, min_eos_p 0.2, no top-k/top-p), EOS steered: ends by the min_eos_p rule
+    "defaults": dict(kwargs={}, suno_sem={}, suno_coarse={}, fine_temp=0.5, window=60, eos=60.0, n=40, preset=None),
+    # the EOS rule on the nucleus (top-p 0.5 renormalizes over fewer tokens), and top-k on the coarse stage
+    "eos_top_p": dict(kwargs=dict(semantic_top_p=0.5, coarse_top_k=100), suno_sem=dict(top_p=0.5),
+                      suno_coarse=dict(top_k=100), fine_temp=0.5, window=60, eos=40.0, n=40, preset=None),
+    # top-p and top-k on every causal stage, other temperatures, fine at 1.0, an odd window (61: the second window
+    # starts in the second codebook), suno's voice preset v2/en_speaker_6; no EOS steering: 48 tokens, 2 windows
     "filters": dict(kwargs=dict(semantic_top_p=0.8, semantic_top_k=200, coarse_top_p=0.9, coarse_temperature=0.9,
                                 semantic_temperature=0.9, fine_temperature=1.0),
                     suno_sem=dict(top_p=0.8, top_k=200, temp=0.9), suno_coarse=dict(top_p=0.9, temp=0.9),
-                    fine_temp=1.0, window=61),
+                    fine_temp=1.0, window=61, eos=None, n=48, preset="v2/en_speaker_6"),
 }
 
 
@@ -131,13 +135,14 @@ CASES = {
 def test_teacher_forced_distributions_equal_sunos(suno, model, monkeypatch, case):
     spec = CASES[case]
     ids = [5, 17, 29, 3, 41, 8, 2, 77, 12]
-    preset = suno_reference.voice_presets(["v2/en_speaker_6"])["v2/en_speaker_6"] if case == "filters" else None
+    preset = spec["preset"] and suno_reference.voice_presets([spec["preset"]])[spec["preset"]]
+    n = spec["n"]
     coarse_cfg = model.generation_config.coarse_acoustics_config
     saved_window = coarse_cfg.sliding_window_len
     coarse_cfg.sliding_window_len = spec["window"]
     try:
-        with _eos_steered(model):
-            out, observed = _ours(model, ids, preset, 40, seed=7, **spec["kwargs"])
+        with _eos_steered(model, spec["eos"]) if spec["eos"] else contextlib.nullcontext():
+            out, observed = _ours(model, ids, preset, n, seed=7, **spec["kwargs"])
             scale = _logit_scale(model)
             suno_reference.install_models(suno, model, ids)
     finally:
@@ -152,7 +157,7 @@ def test_teacher_forced_distributions_equal_sunos(suno, model, monkeypatch, case
     sem_kw = dict(spec["suno_sem"], temp=temp)
     suno_sem, probs = suno_reference.run_forced(
         suno, monkeypatch, suno.generate_text_semantic, forced, "x", history_prompt=preset, silent=True,
-        min_eos_p=0.2, max_gen_duration_s=_steps_for(40), use_kv_caching=True, **sem_kw)
+        min_eos_p=0.2, max_gen_duration_s=_steps_for(n), use_kv_caching=True, **sem_kw)
     assert suno_sem.tolist() == ours_tokens
     assert len(probs) == len(forced), (len(probs), len(forced))
     tol = _probs_tolerance(temp, scale)
@@ -165,8 +170,10 @@ def test_teacher_forced_distributions_equal_sunos(suno, model, monkeypatch, case
         full[: SEMANTIC_VOCAB + 1] = p_suno.double()  # suno's vector: the 10,000 semantic ids, then EOS
         err = float((full - p_ours).abs().max())
         assert err <= tol, (case, "semantic", i, err, tol)
-    if case == "defaults":
-        assert ended_by_rule, "the steered model should end this run by the min_eos_p rule"
+    if spec["eos"]:
+        assert ended_by_rule and len(ours_tokens) > 5, "the steered model should end this run by the min_eos_p rule"
+    else:
+        assert len(ours_tokens) == n
 
     # coarse: our tokens as indices into suno's codebook slice; its output codes say which slice it used
     coarse = observed.steps("coarse")
@@ -179,7 +186,7 @@ def test_teacher_forced_distributions_equal_sunos(suno, model, monkeypatch, case
         sliding_window_len=spec["window"], use_kv_caching=True, **dict(spec["suno_coarse"], temp=temp))
     ours_codes = (ours_coarse.view(-1, 2) - SEMANTIC_VOCAB - torch.tensor([0, CB])).T  # (2, frames)
     assert torch.equal(torch.from_numpy(suno_coarse.astype(np.int64)), ours_codes)
-    assert len(probs) == len(coarse)
+    assert len(probs) == len(coarse) > (spec["window"] if spec["window"] % 2 else 0)  # an odd window: 2 windows
     tol = _probs_tolerance(temp, scale)
     for n, (p_suno, (p_ours, token)) in enumerate(zip(probs, coarse)):
         lo = SEMANTIC_VOCAB + (n % 2) * CB  # the codebook of global step n (suno's alternation)
