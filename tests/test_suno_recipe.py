@@ -357,7 +357,8 @@ def test_second_codebook_range_and_window_phase(model):
 
 
 def test_fine_temperature_one_samples_under_suno(model):
-    """fine_temperature=1.0: argmax under transformers, a draw under suno (None is suno's argmax)."""
+    """fine_temperature=1.0: argmax under transformers, a draw under suno (None is suno's argmax, and so is
+    do_sample=False without a fine_temperature)."""
     ids = torch.tensor([[5, 6, 7]])
     kw = dict(do_sample=False, semantic_max_new_tokens=16, fine_temperature=1.0)
     greedy = generate_tokens(model, ids, None, recipe="transformers", **kw)["fine"][0]
@@ -365,6 +366,9 @@ def test_fine_temperature_one_samples_under_suno(model):
     sampled = [generate_tokens(model, ids, None, recipe="suno", generator=torch.Generator().manual_seed(s),
                                **kw)["fine"][0] for s in (0, 1)]
     assert torch.equal(greedy, argmax)
+    # do_sample=False under suno: every stage's argmax, the fine stage's too (its 0.5 default is for sampling)
+    kw.pop("fine_temperature")
+    assert torch.equal(generate_tokens(model, ids, None, recipe="suno", **kw)["fine"][0], greedy)
     assert not torch.equal(sampled[0], greedy) and not torch.equal(sampled[0], sampled[1])
     assert torch.equal(sampled[0][:2], greedy[:2])  # the coarse codebooks are given
 
@@ -389,3 +393,25 @@ def test_suno_defaults_and_bad_recipe(model):
                              "coarse": dict(do_sample=True, temperature=0.7, top_k=None, top_p=None),
                              "fine": dict(temperature=0.5)}
     assert bark.generation.FRONT_END_RECIPE == "suno" and bark.generation.DEFAULT_RECIPE == "transformers"
+
+
+def test_front_ends_default_to_sunos_recipe(model, monkeypatch):
+    """bark.synthesize / bark.stream pass recipe "suno" to generate unless told otherwise; a bad name is refused
+    before any work."""
+    from bark import generation, longform
+
+    seen = []
+    real = generation.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("recipe"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", spy)
+    encoder = longform.ByteTextEncoder()
+    bark.synthesize(model, "Hello there.", processor=encoder, semantic_max_new_tokens=6, seed=0)
+    list(bark.stream(model, "Hello there.", processor=encoder, semantic_max_new_tokens=6, recipe="transformers"))
+    assert seen == ["suno", "transformers"]
+    with pytest.raises(ValueError, match=r"recipe: expected one of \['transformers', 'suno'\], got 'Suno'"):
+        bark.stream(model, "Hello there.", processor=encoder, recipe="Suno")
+    assert seen == ["suno", "transformers"]
