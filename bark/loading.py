@@ -37,7 +37,7 @@ import torch
 from .codec import EncodecDecoder, load_codec_state_dict
 from .config import BarkConfig, EncodecDecoderConfig
 from .hub import Source, hub_unreachable_reason, resolve_checkpoint
-from .suno_checkpoint import SUNO_STAGES, check_paths, find_suno_files, read_suno_file, sub_config_from_model_args, \
+from .suno_checkpoint import SUNO_STAGES, SunoCheckpointError, check_paths, find_suno_files, read_suno_file, sub_config_from_model_args, \
     suno_to_ours
 
 __all__ = ["load_checkpoint", "load_config", "resolve_checkpoint", "read_state_dict",
@@ -322,9 +322,12 @@ def load_suno_checkpoint(paths: tuple[str, str, str], codec=SUNO_CODEC, revision
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for (stage, prefix), path in zip(SUNO_STAGES, paths, strict=True):
-        args, state = read_suno_file(path)
-        sub_configs[prefix] = sub_config_from_model_args(args, fine=stage == "fine", where=f"{path}: model_args")
-        ours, ignored = suno_to_ours(state, path)
+        try:
+            args, state = read_suno_file(path)
+            sub_configs[prefix] = sub_config_from_model_args(args, fine=stage == "fine", where=f"{path}: model_args")
+            ours, ignored = suno_to_ours(state, path)
+        except SunoCheckpointError as error:
+            raise CheckpointError(str(error)) from None
         if ignored:
             logger.info("%s: ignored %d causal-mask buffers", path, len(ignored))
         for key, value in ours.items():
