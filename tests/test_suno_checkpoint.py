@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -131,10 +128,8 @@ def test_a_pickle_that_runs_code_is_refused_and_never_run(twin, tmp_path):
                                               r"torch\.load\(weights_only=True\)"):
         bark.BarkModel.from_pretrained(directory, codec="random")
     assert not marker.exists()
-    # the file is really malicious: an unrestricted load (in a child process) runs the command
-    code = "import sys, torch; torch.load(sys.argv[1], weights_only=False)"
-    subprocess.run([sys.executable, "-c", code, str(directory / "coarse.pt")], check=True, capture_output=True,
-                   timeout=120)
+    # the file is really malicious: an unrestricted load runs the command (a harmless `touch`)
+    torch.load(directory / "coarse.pt", weights_only=False)
     assert marker.exists()
 
 
