@@ -46,7 +46,8 @@ from .config import BarkGenerationConfig
 from .session import DECODE_MODES, WARMUP_STEPS as _WARMUP_STEPS, DecodeSession, FinePasses, pooled, resolve_mode
 
 __all__ = ["generate", "generate_tokens", "SamplingParams", "StageEvent", "TokenChoices", "split_generate_kwargs",
-           "RECIPES", "DEFAULT_RECIPE", "FRONT_END_RECIPE", "SUNO_DEFAULTS", "suno_log_probs"]
+           "RECIPES", "DEFAULT_RECIPE", "FRONT_END_RECIPE", "SUNO_DEFAULTS", "suno_log_probs", "select_suno",
+           "check_recipe"]
 
 logger = logging.getLogger(__name__)
 

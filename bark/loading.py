@@ -37,11 +37,19 @@ import torch
 from .codec import EncodecDecoder, load_codec_state_dict
 from .config import BarkConfig, EncodecDecoderConfig
 from .hub import Source, hub_unreachable_reason, resolve_checkpoint
-from .suno_checkpoint import SUNO_STAGES, SunoCheckpointError, check_paths, find_suno_files, read_suno_file, sub_config_from_model_args, \
-    suno_to_ours
+from .suno_checkpoint import (
+    SUNO_STAGES,
+    SunoCheckpointError,
+    check_paths,
+    find_suno_files,
+    read_suno_file,
+    sub_config_from_model_args,
+    suno_to_ours,
+)
 
 __all__ = ["load_checkpoint", "load_config", "resolve_checkpoint", "read_state_dict",
-           "hub_unreachable_reason", "CheckpointError", "parse_dtype", "list_keys", "SUNO_CODEC", "load_suno_checkpoint"]
+           "hub_unreachable_reason", "CheckpointError", "parse_dtype", "list_keys", "SUNO_CODEC",
+           "load_suno_checkpoint"]
 
 logger = logging.getLogger(__name__)
 

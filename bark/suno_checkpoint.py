@@ -200,7 +200,7 @@ def check_paths(paths: Sequence) -> tuple[str, str, str]:
     if len(paths) != 3 or not all(isinstance(p, str) for p in paths):
         raise TypeError(f"path_or_repo_id: expected a directory, a repo id, or suno's three files (text, coarse, "
                         f"fine) as a list of 3 paths, got {paths!r}")
-    for (stage, _), p in zip(SUNO_STAGES, paths):
+    for (stage, _), p in zip(SUNO_STAGES, paths, strict=True):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"path_or_repo_id: suno's {stage} file {p} does not exist")
     return tuple(paths)  # type: ignore[return-value]

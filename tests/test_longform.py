@@ -5,7 +5,6 @@ that round-trip; offload; a WAV that stays valid while it grows."""
 from __future__ import annotations
 
 import functools
-
 import os
 import struct
 import wave

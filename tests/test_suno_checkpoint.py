@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+
 import numpy as np
 import pytest
 import torch
@@ -25,7 +26,7 @@ def write_suno_files(model, directory, names=SMALL, extra=None) -> list[str]:
     """``model``'s three sub-models in suno's format; ``extra``: more entries per file's "model" dict (suno's names)."""
     os.makedirs(directory, exist_ok=True)
     paths = []
-    for (stage, prefix), name in zip(suno_checkpoint.SUNO_STAGES, names):
+    for (stage, prefix), name in zip(suno_checkpoint.SUNO_STAGES, names, strict=True):
         sub = getattr(model, prefix)
         state = dict(sub.state_dict())
         if stage == "fine":
@@ -95,7 +96,7 @@ def test_sunos_own_loader_reads_the_files_we_write(twin, tmp_path):
     suno = suno_reference.load_suno()
     _, ref = twin
     paths = write_suno_files(ref, tmp_path, LARGE)
-    for (stage, prefix), path in list(zip(suno_checkpoint.SUNO_STAGES, paths))[1:]:
+    for (stage, prefix), path in list(zip(suno_checkpoint.SUNO_STAGES, paths, strict=True))[1:]:
         # suno calls torch.load without weights_only; torch >= 2.6 defaults it to True, which refuses the numpy
         # float in suno's own files: the same allowlist as ours lets its loader run
         with torch.serialization.safe_globals(suno_checkpoint._numpy_scalar_globals()):

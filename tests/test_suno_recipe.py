@@ -87,7 +87,7 @@ class _Observed:
         """(probabilities (V,), token) of each step of row 0, in order."""
         out = []
         for scores, tokens in self.choices[stage]:
-            for s, t in zip(scores, tokens):
+            for s, t in zip(scores, tokens, strict=True):
                 out.append((s.double().softmax(-1), int(t)))
         return out
 
@@ -151,8 +151,11 @@ def test_teacher_forced_distributions_equal_sunos(suno, model, monkeypatch, case
     # semantic: suno runs on our draws; at our EOS step it is handed a non-EOS token, so only its own rule can stop it
     sem = observed.steps("semantic")
     ours_tokens = out["semantic"][0].tolist()
-    ended_by_rule = len(sem) == len(ours_tokens) + 1 and sem[-1][0][EOS] == 1.0
-    forced = [t for _, t in sem[:len(ours_tokens)]] + ([0] if ended_by_rule else [])
+    ended = len(sem) == len(ours_tokens) + 1  # the last step picked EOS (else the run hit the token cap)
+    ended_by_rule = ended and sem[-1][0][EOS] == 1.0
+    forced = [t for _, t in sem[:len(ours_tokens)]]
+    if ended:  # suno's EOS index is SEMANTIC_VOCAB; a rule-made EOS is answered with token 0 instead
+        forced.append(0 if ended_by_rule else SEMANTIC_VOCAB)
     temp = spec["suno_sem"].get("temp", SUNO_DEFAULTS["semantic"]["temperature"])
     sem_kw = dict(spec["suno_sem"], temp=temp)
     suno_sem, probs = suno_reference.run_forced(
@@ -161,7 +164,7 @@ def test_teacher_forced_distributions_equal_sunos(suno, model, monkeypatch, case
     assert suno_sem.tolist() == ours_tokens
     assert len(probs) == len(forced), (len(probs), len(forced))
     tol = _probs_tolerance(temp, scale)
-    for i, (p_suno, (p_ours, _)) in enumerate(zip(probs, sem)):
+    for i, (p_suno, (p_ours, _)) in enumerate(zip(probs, sem, strict=True)):
         if ended_by_rule and i == len(sem) - 1:
             assert float(p_suno[-1]) >= 0.2  # suno's own decision, on its final probabilities
             continue
@@ -188,7 +191,7 @@ def test_teacher_forced_distributions_equal_sunos(suno, model, monkeypatch, case
     assert torch.equal(torch.from_numpy(suno_coarse.astype(np.int64)), ours_codes)
     assert len(probs) == len(coarse) > (spec["window"] if spec["window"] % 2 else 0)  # an odd window: 2 windows
     tol = _probs_tolerance(temp, scale)
-    for n, (p_suno, (p_ours, token)) in enumerate(zip(probs, coarse)):
+    for n, (p_suno, (p_ours, token)) in enumerate(zip(probs, coarse, strict=True)):
         lo = SEMANTIC_VOCAB + (n % 2) * CB  # the codebook of global step n (suno's alternation)
         assert lo <= token < lo + CB
         full = torch.zeros_like(p_ours)
@@ -204,7 +207,7 @@ def test_teacher_forced_distributions_equal_sunos(suno, model, monkeypatch, case
     assert torch.equal(torch.from_numpy(suno_fine.astype(np.int64)), out["fine"][0])
     assert len(probs) == len(fine) > 0
     tol = _probs_tolerance(spec["fine_temp"], scale)
-    for i, (p_suno, (p_ours, _)) in enumerate(zip(probs, fine)):
+    for i, (p_suno, (p_ours, _)) in enumerate(zip(probs, fine, strict=True)):
         err = float((p_suno.double() - p_ours).abs().max())
         assert err <= tol, (case, "fine", i, err, tol)
 
@@ -333,7 +336,7 @@ def test_second_codebook_range_and_window_phase(model):
     for recipe in ("transformers", "suno"):
         seen = []
         generate_tokens(model, ids, None, recipe=recipe, do_sample=False, semantic_max_new_tokens=6,
-                        observer=lambda c: seen.append(c) if c.stage == "coarse" else None)
+                        observer=lambda c, seen=seen: seen.append(c) if c.stage == "coarse" else None)
         second = seen[1].scores[0]  # the first window's second token: the second codebook
         where = torch.isfinite(second).nonzero()[:, 0]
         allowed[recipe] = (int(where.min()), int(where.max()) + 1)
