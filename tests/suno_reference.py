@@ -73,6 +73,8 @@ def load_suno():
     package = types.ModuleType(PACKAGE)
     package.__path__ = []  # a package, whose modules are added below
     saved_encodec = sys.modules.get("encodec")
+    # suno's module turns TF32 on for the whole process when CUDA is there: keep the process's settings
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     sys.modules[PACKAGE] = package
     sys.modules["encodec"] = _EncodecStandIn("encodec")
     try:
@@ -86,6 +88,7 @@ def load_suno():
                 exec(compile(source, module.__file__, "exec"), module.__dict__)
                 setattr(package, name, module)
     finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
         if saved_encodec is None:
             sys.modules.pop("encodec", None)
         else:
