@@ -246,9 +246,13 @@ def _read_config(source: Source) -> BarkConfig:
         raise CheckpointError(f"{source.find(CONFIG_NAME)}: invalid Bark configuration: {error}") from None
 
 
-def load_config(path_or_repo_id, revision: str | None = None) -> BarkConfig:
+def load_config(path_or_repo_id, revision: str | None = None, codec=None) -> BarkConfig:
     """The checkpoint's configuration (config.json, generation_config.json) without reading any weight: what a caller
-    needs to check its other arguments (backend, lengths, voice presets) before the expensive part."""
+    needs to check its other arguments (backend, lengths, voice presets) before the expensive part. For suno's files:
+    their model_args (memory-mapped, no weight read) and the codec's config.json."""
+    suno = _suno_paths(path_or_repo_id)
+    if suno is not None:
+        return load_suno_checkpoint(suno, SUNO_CODEC if codec is None else codec, weights=False)[0]
     return _read_config(resolve_checkpoint(path_or_repo_id, revision))
 
 
@@ -269,7 +273,10 @@ def load_checkpoint(path_or_repo_id, revision: str | None = None, codec=None):
     (module docstring); a Hugging Face Bark checkpoint holds its own."""
     suno = _suno_paths(path_or_repo_id)
     if suno is not None:
-        return load_suno_checkpoint(suno, SUNO_CODEC if codec is None else codec, revision)
+        if revision is not None:
+            raise ValueError(f"revision: suno's checkpoint files are local files (a Hub revision applies to repo ids), "
+                             f"got revision={revision!r}")
+        return load_suno_checkpoint(suno, SUNO_CODEC if codec is None else codec)
     if codec is not None:
         raise ValueError(f"codec: only for suno's original checkpoint files (they hold no codec); "
                          f"{path_or_repo_id} is a Hugging Face checkpoint with its own, got codec={codec!r}")
@@ -290,9 +297,12 @@ def _random_codec(seed: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
     return config.to_dict(), {CODEC_PREFIX + k: v for k, v in codec.state_dict().items()}
 
 
-def _codec_for_suno(codec, revision: str | None) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
-    """(codec_config dict, codec_model.* tensors, origin) from ``codec`` (module docstring)."""
+def _codec_for_suno(codec, weights: bool = True) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """(codec_config dict, codec_model.* tensors, origin) from ``codec`` (module docstring); without ``weights``, the
+    config alone (no tensors)."""
     if isinstance(codec, str) and codec == "random":
+        if not weights:
+            return EncodecDecoderConfig().to_dict(), {}, {}
         logger.warning("codec='random': suno's files hold no codec and random EnCodec weights were asked for: the "
                        "tokens are the checkpoint's, the audio is noise")
         config, tensors = _random_codec()
@@ -301,15 +311,15 @@ def _codec_for_suno(codec, revision: str | None) -> tuple[dict, dict[str, torch.
         raise TypeError(f"codec: expected a Hugging Face EnCodec or Bark checkpoint (directory or repo id) or "
                         f"'random', got {type(codec).__name__}")
     try:
-        source = resolve_checkpoint(codec, revision if codec != SUNO_CODEC else None)
+        source = resolve_checkpoint(codec)
         config_dict = _read_json(source, CONFIG_NAME, required=True)
-        tensors, origin = read_state_dict(source)
+        tensors, origin = read_state_dict(source) if weights else ({}, {})
     except (OSError, ValueError) as error:
         kind = type(error) if type(error) in (FileNotFoundError, ConnectionError, OSError, CheckpointError) \
             else CheckpointError
         raise kind(f"codec: suno's checkpoint files hold no codec; reading it from {codec} failed: {error} "
-                          f"(pass codec=<a Hugging Face EnCodec or Bark checkpoint directory>, or codec='random' for "
-                          f"the tokens alone)") from None
+                   f"(pass codec=<a Hugging Face EnCodec or Bark checkpoint directory>, or codec='random' for the "
+                   f"tokens alone)") from None
     if isinstance(config_dict.get("codec_config"), dict):  # a Bark checkpoint: its codec_model
         codec_config = config_dict["codec_config"]
         tensors = {k: v for k, v in tensors.items() if k.startswith(CODEC_PREFIX)}
@@ -323,9 +333,10 @@ def _codec_for_suno(codec, revision: str | None) -> tuple[dict, dict[str, torch.
     return codec_config, tensors, {k: origin.get(k, str(codec)) for k in tensors}
 
 
-def load_suno_checkpoint(paths: tuple[str, str, str], codec=SUNO_CODEC, revision: str | None = None):
+def load_suno_checkpoint(paths: tuple[str, str, str], codec=SUNO_CODEC, weights: bool = True):
     """suno's (text, coarse, fine) files -> (BarkConfig, tensors under our names, origin); the codec from ``codec``
-    (module docstring). The generation config is Bark's default (suno's token ids, windows and rates)."""
+    (module docstring). The generation config is Bark's default (suno's token ids, windows and rates). With
+    ``weights=False`` the config alone (the files are memory-mapped, their tensors never read)."""
     sub_configs: dict[str, dict] = {}
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
@@ -341,7 +352,9 @@ def load_suno_checkpoint(paths: tuple[str, str, str], codec=SUNO_CODEC, revision
         for key, value in ours.items():
             tensors[f"{prefix}.{key}"] = value
             origin[f"{prefix}.{key}"] = path
-    codec_config, codec_tensors, codec_origin = _codec_for_suno(codec, revision)
+    if not weights:
+        tensors, origin = {}, {}
+    codec_config, codec_tensors, codec_origin = _codec_for_suno(codec, weights)
     tensors.update(codec_tensors)
     origin.update(codec_origin)
     try:

@@ -107,7 +107,12 @@ def read_suno_file(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     but tensors and plain values (nothing pickled is executed); checks the layout."""
     try:
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # memory-mapped: suno's large files also hold optimizer state, which is never read then
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap" not in str(error):
+                    raise
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # torch's legacy format
     except Exception as error:
         text = " ".join(str(error).split())
         raise SunoCheckpointError(f"{path}: cannot read it as suno's checkpoint with torch.load(weights_only=True): "

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bark
+import bark.loading
 from bark import suno_checkpoint
 from bark.generation import generate_tokens
 from bark.loading import CheckpointError
@@ -74,6 +75,10 @@ def test_suno_files_load_and_generate_exactly_what_the_twin_does(twin, tmp_path)
     for model in loaded:
         _same_state(model, ref)
         assert model.config.to_dict() == ref.config.to_dict()
+    # the config alone (what a front end checks before loading): model_args and the codec's config.json
+    assert bark.loading.load_config(tmp_path / "small", codec=hf_dir).to_dict() == ref.config.to_dict()
+    with pytest.raises(ValueError, match="revision: suno's checkpoint files are local files"):
+        bark.BarkModel.from_pretrained(paths, codec="random", revision="main")
     ids, mask = bark_tiny.random_text_ids(2, [6, 13], seed=3)
     preset = bark_tiny.as_torch_preset(bark_tiny.random_voice_preset(1))
     model = loaded[0]
