@@ -109,10 +109,18 @@ def _ours(model, ids, preset, n_semantic, seed, **kwargs):
 
 
 def _logit_scale(model) -> float:
-    """A bound on |logits| of the tiny model (rows of the lm heads times the LayerNorm'd hidden's size)."""
+    """A bound on |logits|: |w . h| <= max ||w|| x ||h||, and the final LayerNorm's output has
+    ||h|| <= max|gamma| sqrt(C) + ||beta|| (its normalised input has norm sqrt(C))."""
     scale = 0.0
-    for head in (model.semantic.lm_head, model.coarse_acoustics.lm_head, *model.fine_acoustics.lm_heads):
-        scale = max(scale, float(head.weight.detach().norm(dim=1).max()) * math.sqrt(head.weight.shape[1]) * 2)
+    for sub, heads in ((model.semantic, [model.semantic.lm_head]),
+                       (model.coarse_acoustics, [model.coarse_acoustics.lm_head]),
+                       (model.fine_acoustics, list(model.fine_acoustics.lm_heads))):
+        norm = sub.layernorm_final
+        hidden = float(norm.weight.detach().abs().max()) * math.sqrt(norm.weight.shape[0])
+        if norm.bias is not None:
+            hidden += float(norm.bias.detach().norm())
+        for head in heads:
+            scale = max(scale, float(head.weight.detach().norm(dim=1).max()) * hidden)
     return scale
 
 
@@ -191,13 +199,13 @@ def test_teacher_forced_distributions_equal_sunos(suno, model, monkeypatch, case
     assert torch.equal(torch.from_numpy(suno_coarse.astype(np.int64)), ours_codes)
     assert len(probs) == len(coarse) > (spec["window"] if spec["window"] % 2 else 0)  # an odd window: 2 windows
     tol = _probs_tolerance(temp, scale)
-    for n, (p_suno, (p_ours, token)) in enumerate(zip(probs, coarse, strict=True)):
-        lo = SEMANTIC_VOCAB + (n % 2) * CB  # the codebook of global step n (suno's alternation)
+    for step, (p_suno, (p_ours, token)) in enumerate(zip(probs, coarse, strict=True)):
+        lo = SEMANTIC_VOCAB + (step % 2) * CB  # the codebook of the global step (suno's alternation)
         assert lo <= token < lo + CB
         full = torch.zeros_like(p_ours)
         full[lo: lo + CB] = p_suno.double()
         err = float((full - p_ours).abs().max())
-        assert err <= tol, (case, "coarse", n, err, tol)
+        assert err <= tol, (case, "coarse", step, err, tol)
 
     # fine: every position's draw, pass by pass
     fine = observed.steps("fine")
