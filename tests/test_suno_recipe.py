@@ -33,7 +33,7 @@ import suno_reference  # noqa: E402
 EOS = 10_000
 SEMANTIC_VOCAB = 10_000
 CB = 1024
-TINY_T = 1e-5  # suno's code at this temperature draws its argmax (our greedy)
+TINY_T = 1e-5  # greedy runs: suno's EOS rule (p(EOS) >= 0.2) then means EOS is (all but) the argmax
 
 
 @pytest.fixture(scope="module")
@@ -225,11 +225,12 @@ GREEDY_PRESETS = ["announcer", "v2/en_speaker_6", "de_speaker_3"]
 
 @pytest.mark.parametrize("preset_name", [None] + GREEDY_PRESETS)
 def test_greedy_tokens_equal_sunos_under_both_recipes(suno, model, monkeypatch, preset_name):
-    """suno's code at near-zero temperature (and fine temp None), ours with do_sample=False under each recipe: the
-    same semantic, coarse and fine tokens, with no voice and with suno's real presets (announcer's are uint16)."""
+    """suno's code with its draws taken as the argmax of its distribution (at temperature 1e-5, which only its EOS
+    rule reads; fine temp None, its own argmax), ours with do_sample=False under each recipe: the same semantic,
+    coarse and fine tokens, with no voice and with suno's real presets (announcer's arrays are uint16)."""
     ids = [11, 4, 60, 23, 9, 31]
     preset = None if preset_name is None else suno_reference.voice_presets([preset_name])[preset_name]
-    history = None if preset is None else {k: torch.from_numpy(v.astype(np.int64)) for k, v in preset.items()}
+    history = preset  # the .npz arrays as they are (announcer's uint16 included)
     ids_t = torch.tensor([ids])
     runs = {}
     for recipe in ("transformers", "suno"):
@@ -237,9 +238,10 @@ def test_greedy_tokens_equal_sunos_under_both_recipes(suno, model, monkeypatch, 
                                        do_sample=False, temperature=TINY_T, fine_temperature=None,
                                        semantic_max_new_tokens=24)
     suno_reference.install_models(suno, model, ids)
-    sem = suno.generate_text_semantic("x", history_prompt=preset, temp=TINY_T, silent=True,
-                                      max_gen_duration_s=_steps_for(24), use_kv_caching=True)
-    coarse = suno.generate_coarse(sem, history_prompt=preset, temp=TINY_T, silent=True, use_kv_caching=True)
+    sem = suno_reference.run_argmax(suno, monkeypatch, suno.generate_text_semantic, "x", history_prompt=preset,
+                                    temp=TINY_T, silent=True, max_gen_duration_s=_steps_for(24), use_kv_caching=True)
+    coarse = suno_reference.run_argmax(suno, monkeypatch, suno.generate_coarse, sem, history_prompt=preset,
+                                       temp=TINY_T, silent=True, use_kv_caching=True)
     fine = suno.generate_fine(coarse, history_prompt=preset, temp=None)
     for recipe, out in runs.items():
         assert out["semantic"][0].tolist() == sem.tolist(), recipe
