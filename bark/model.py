@@ -82,10 +82,12 @@ class BarkModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, attn_implementation: str = "auto", dtype=None, device=None,
-                        revision: str | None = None) -> BarkModel:
-        """Load a Hugging Face Bark checkpoint (directory or repo id); see :func:`load_bark_model`."""
+                        revision: str | None = None, codec=None) -> BarkModel:
+        """Load a Hugging Face Bark checkpoint (directory or repo id) or suno's original files (a directory holding
+        text_2.pt, coarse_2.pt, fine_2.pt or bark-small's text.pt, coarse.pt, fine.pt; or those three paths in a
+        list; ``codec``: where their codec comes from, see bark.loading); see :func:`load_bark_model`."""
         return load_bark_model(path_or_repo_id, attn_implementation=attn_implementation, dtype=dtype, device=device,
-                               revision=revision)
+                               revision=revision, codec=codec)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, history_prompt=None,
@@ -96,7 +98,7 @@ class BarkModel(nn.Module):
 
 
 def load_bark_model(path_or_repo_id, attn_implementation: str = "auto", dtype=None, device=None,
-                    revision: str | None = None):
+                    revision: str | None = None, codec=None):
     """Build a ``BarkModel`` from a checkpoint directory or repo id, on ``device`` in ``dtype`` (default fp32).
 
     Every argument is checked before a file is read (device: cpu, cuda or cuda:N, present), and every weight is
@@ -108,7 +110,7 @@ def load_bark_model(path_or_repo_id, attn_implementation: str = "auto", dtype=No
     if revision is not None and not isinstance(revision, str):
         raise TypeError(f"revision: expected a str (a branch, tag or commit of the Hugging Face repo) or None, "
                         f"got {type(revision).__name__}")
-    config, tensors, origin = load_checkpoint(path_or_repo_id, revision)
+    config, tensors, origin = load_checkpoint(path_or_repo_id, revision, codec)
     with torch.device("meta"):
         model = BarkModel(config, attn_implementation=attn_implementation)
     model = model.to_empty(device=target_device)

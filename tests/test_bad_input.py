@@ -139,6 +139,7 @@ SPEAK_CASES = [
     ("attn_unavailable", [TEXT, "-o", "{out}", "--model", "{ckpt}", "--attn", "flash_attention_2"], 1,
      "flash_attn"),
     ("dtype_unknown", [TEXT, "-o", "{out}", "--model", "{ckpt}", "--dtype", "int8"], 2, "--dtype"),
+    ("recipe_unknown", [TEXT, "-o", "{out}", "--model", "{ckpt}", "--recipe", "bark"], 2, "--recipe"),
     ("device_unknown", [TEXT, "-o", "{out}", "--model", "{ckpt}", "--device", "bogus"], 1,
      "--device: expected cpu, cuda or cuda:N, got 'bogus'"),
     ("device_tpu", [TEXT, "-o", "{out}", "--model", "{ckpt}", "--device", "tpu"], 1, "--device"),

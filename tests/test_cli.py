@@ -67,7 +67,8 @@ def test_speak_writes_the_models_audio(tiny_dir, tmp_path, capsys):
     assert "did not run" not in captured.out  # every stage was seen by the progress / timing hooks
     assert "NOISE" not in captured.out  # a checkpoint, not the built-in random model
 
-    # The WAV holds exactly what the model generates for the same inputs and seed (16-bit rounding aside).
+    # The WAV holds exactly what the model generates for the same inputs and seed (16-bit rounding aside), with the
+    # front ends' default recipe, suno's.
     import bark
 
     model = bark.BarkModel.from_pretrained(str(tiny_dir))
@@ -81,9 +82,32 @@ def test_speak_writes_the_models_audio(tiny_dir, tmp_path, capsys):
         do_sample=True,
         semantic_max_new_tokens=12,
         row_seeds=[bark.longform.piece_seed(3, 0)],
+        recipe="suno",
     )
     expected = np.round(np.clip(audio[0, : lengths[0]].numpy(), -1, 1) * 32767).astype(np.int16)
     assert np.array_equal(pcm, expected)
+    assert captured.out.splitlines()[0].startswith("recipe: suno (")  # says so first, with no --recipe
+
+
+def test_speak_recipe_transformers_is_barkmodel_generate(tiny_dir, tmp_path, capsys):
+    """--recipe transformers: the first line says it, and the WAV is BarkModel.generate's (its default recipe)."""
+    import bark
+
+    out = tmp_path / "out.wav"
+    threads = str(torch.get_num_threads())
+    rc = speak_main(["hello world.", "-o", str(out), "--model", str(tiny_dir), "--seed", "3", "--threads", threads,
+                     "--voice", "v2/en_speaker_0", "--recipe", "transformers", *FAST])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert captured.out.splitlines()[0].startswith("recipe: transformers (")
+    model = bark.BarkModel.from_pretrained(str(tiny_dir))
+    inputs = bark.BarkProcessor.from_pretrained(str(tiny_dir))(["hello world."], voice_preset="v2/en_speaker_0")
+    audio, lengths = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                    history_prompt=inputs["history_prompt"], return_output_lengths=True,
+                                    do_sample=True, semantic_max_new_tokens=12,
+                                    row_seeds=[bark.longform.piece_seed(3, 0)])
+    expected = np.round(np.clip(audio[0, : lengths[0]].numpy(), -1, 1) * 32767).astype(np.int16)
+    assert np.array_equal(_read_wav(out), expected)
 
 
 def test_batch_file_and_voice_preset(tiny_dir, tmp_path, capsys):

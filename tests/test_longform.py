@@ -4,6 +4,7 @@ that round-trip; offload; a WAV that stays valid while it grows."""
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import wave
@@ -26,6 +27,10 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 VOCAB = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(LETTERS) + list(LETTERS.upper())
          + ["##" + c for c in LETTERS + LETTERS.upper()] + list(".,;:!?'\""))
 SEMANTIC_TOKENS = 14
+# These tests compare long-form pieces with generate's defaults (recipe "transformers", greedy); the front ends
+# default to suno's recipe (sampled), which tests/test_suno_recipe.py covers.
+_synthesize = functools.partial(bark.synthesize, recipe="transformers")
+_stream = functools.partial(bark.stream, recipe="transformers")
 
 # 12 sentences, one of them longer than Bark's 256 text tokens (one token per letter with this vocabulary)
 SENTENCES = [
@@ -100,7 +105,7 @@ def _long_text_equals_alone(model, processor):
     count = lambda s: len(processor.tokenizer.encode(s, add_special_tokens=False).ids)  # noqa: E731
     assert count(TEXT) > 256 and count(SENTENCES[5]) > 256
     voice = _voice()
-    audio, pieces = bark.synthesize(model, TEXT, processor=processor, voice=voice, batch_size=4, pause=0.1,
+    audio, pieces = _synthesize(model, TEXT, processor=processor, voice=voice, batch_size=4, pause=0.1,
                                     return_pieces=True, semantic_max_new_tokens=SEMANTIC_TOKENS)
     # every sentence is covered, in order; the overlong one in pieces cut after its commas, each within 256 tokens
     assert " ".join(p.text for p in pieces) == TEXT
@@ -127,7 +132,7 @@ def test_stream_yields_in_order_as_soon_as_ready(tiny):
         if event.stage == "semantic" and event.kind == "start":
             log.append(("chunk", event.rows))
 
-    pieces = bark.stream(model, SENTENCES[:5], processor=processor, voice=_voice(), batch_size=2,
+    pieces = _stream(model, SENTENCES[:5], processor=processor, voice=_voice(), batch_size=2,
                          callback=on_event, semantic_max_new_tokens=6)
     assert len(pieces) == 5 and pieces.texts == SENTENCES[:5] and pieces.text_indices == [0, 1, 2, 3, 4]
     for piece in pieces:
@@ -140,8 +145,8 @@ def test_stream_yields_in_order_as_soon_as_ready(tiny):
 def test_length_order_groups_similar_pieces_and_changes_nothing_else(tiny):
     _, model, processor = tiny
     kwargs = dict(processor=processor, voice=_voice(), batch_size=4, semantic_max_new_tokens=SEMANTIC_TOKENS)
-    by_length = bark.stream(model, TEXT, order="length", **kwargs)
-    by_text = bark.stream(model, TEXT, **kwargs)
+    by_length = _stream(model, TEXT, order="length", **kwargs)
+    by_text = _stream(model, TEXT, **kwargs)
     assert by_text.chunks == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12]]
     sizes = [len(t) for t in by_length.texts]
     flat = [i for c in by_length.chunks for i in c]
@@ -150,7 +155,7 @@ def test_length_order_groups_similar_pieces_and_changes_nothing_else(tiny):
         assert a.index == b.index and np.array_equal(a.semantic, b.semantic) and np.array_equal(a.fine, b.fine)
         assert a.audio.shape == b.audio.shape
     with pytest.raises(ValueError, match="order"):
-        bark.stream(model, TEXT, order="random", **kwargs)
+        _stream(model, TEXT, order="random", **kwargs)
 
 
 def test_previous_piece_continuity(tiny):
@@ -158,7 +163,7 @@ def test_previous_piece_continuity(tiny):
     voice = _voice()
     texts = [" ".join(SENTENCES[:3]), " ".join(SENTENCES[6:8])]
     log = []
-    audios, pieces = bark.synthesize(model, texts, processor=processor, voice=voice, continuity="previous",
+    audios, pieces = _synthesize(model, texts, processor=processor, voice=voice, continuity="previous",
                                      batch_size=8, pause=0.0, return_pieces=True,
                                      callback=lambda e: log.append(e.rows) if e.stage == "codec" and
                                      e.kind == "start" else None, semantic_max_new_tokens=SEMANTIC_TOKENS)
@@ -173,7 +178,7 @@ def test_previous_piece_continuity(tiny):
 
 def test_preset_continuity_without_voice_uses_the_first_piece(tiny):
     _, model, processor = tiny
-    pieces = list(bark.stream(model, " ".join(SENTENCES[:3]), processor=processor, batch_size=4,
+    pieces = list(_stream(model, " ".join(SENTENCES[:3]), processor=processor, batch_size=4,
                               semantic_max_new_tokens=SEMANTIC_TOKENS))
     assert [p.batch_rows for p in pieces] == [1, 2, 2]  # the first alone, then the rest together
     _assert_piece_equals_alone(model, processor, pieces[0], None)
@@ -198,15 +203,15 @@ def test_voice_round_trip_conditions_like_the_arrays(tiny, tmp_path):
     for key, value in voice.items():
         assert loaded[key].dtype == np.int64 and np.array_equal(loaded[key], value)
     # a later generation conditioned on the file (by path) is exactly the one conditioned on the arrays
-    by_path = bark.synthesize(model, "Then a new sentence.", processor=processor, voice=path,
+    by_path = _synthesize(model, "Then a new sentence.", processor=processor, voice=path,
                               semantic_max_new_tokens=SEMANTIC_TOKENS)
-    by_arrays = bark.synthesize(model, "Then a new sentence.", processor=processor, voice=voice,
+    by_arrays = _synthesize(model, "Then a new sentence.", processor=processor, voice=voice,
                                 semantic_max_new_tokens=SEMANTIC_TOKENS)
     direct = model.generate(**processor(["Then a new sentence."], voice_preset=path),
                             semantic_max_new_tokens=SEMANTIC_TOKENS)[0].numpy()
     assert by_path.size and np.array_equal(by_path, by_arrays) and np.array_equal(by_path, direct)
     # a piece's voice is the same thing
-    piece = next(iter(bark.stream(model, "A voice to keep.", processor=processor, voice=_voice(),
+    piece = next(iter(_stream(model, "A voice to keep.", processor=processor, voice=_voice(),
                                   semantic_max_new_tokens=SEMANTIC_TOKENS)))
     for key in voice:
         assert np.array_equal(piece.voice()[key], voice[key])
@@ -232,9 +237,9 @@ def test_offload_without_cuda_is_a_no_op_that_says_so(tiny, monkeypatch, caplog)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     kwargs = dict(processor=processor, voice=_voice(), semantic_max_new_tokens=6)
     with caplog.at_level("WARNING", logger="bark.longform"):
-        pieces = list(bark.stream(model, SENTENCES[:2], offload=True, **kwargs))
+        pieces = list(_stream(model, SENTENCES[:2], offload=True, **kwargs))
     assert "no CUDA device" in caplog.text and any("a no-op" in n for n in pieces[0].notes)
-    plain = list(bark.stream(model, SENTENCES[:2], **kwargs))
+    plain = list(_stream(model, SENTENCES[:2], **kwargs))
     assert all(np.array_equal(a.audio, b.audio) for a, b in zip(pieces, plain, strict=True))
 
 
@@ -277,12 +282,12 @@ def test_offload_on_gpu_same_audio_less_memory(tiny):
     model = bark.BarkModel.from_pretrained(path, attn_implementation="sdpa")  # on the CPU: offload's use
     kwargs = dict(processor=processor, voice=_voice(), batch_size=4, semantic_max_new_tokens=SEMANTIC_TOKENS)
     torch.cuda.reset_peak_memory_stats()
-    off = bark.synthesize(model, TEXT, offload=True, **kwargs)
+    off = _synthesize(model, TEXT, offload=True, **kwargs)
     peak_off = torch.cuda.max_memory_allocated()
     assert model.device.type == "cpu"  # put back where it was
     on_gpu = bark.BarkModel.from_pretrained(path, attn_implementation="sdpa", device="cuda")
     torch.cuda.reset_peak_memory_stats()
-    on = bark.synthesize(on_gpu, TEXT, **kwargs)
+    on = _synthesize(on_gpu, TEXT, **kwargs)
     peak_on = torch.cuda.max_memory_allocated()
     assert off.shape == on.shape and np.allclose(off, on, atol=1e-4)
     assert peak_off < peak_on

