@@ -33,6 +33,9 @@ def test_pyproject_registers_speak_of_the_model_package():
     assert _declared() == {"speak": "bark.cli:speak_main", "batch": "bark.cli.batch:batch_main",
                            "serve": "bark.cli.serve:serve_main"}
     assert _entry(_declared()["speak"]).load() is bark.cli.speak_main
+    import bark.cli.batch
+
+    assert _entry(_declared()["batch"], "batch").load() is bark.cli.batch.batch_main
 
 
 def test_installed_metadata_of_this_checkout_has_the_commands(tmp_path):

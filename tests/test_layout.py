@@ -84,8 +84,13 @@ BARK_LAYERS = [
     {"bark.longform"},
     {"bark.engine"},
     {"bark", "bark.cli.progress", "bark.cli.setup"},
-    {"bark.cli.longform"},
-    {"bark.cli.speak"},
+    {"bark.cli.longform", "bark.bulk.table", "bark.bulk.progress"},
+    {"bark.cli.speak", "bark.bulk.manifest"},
+    {"bark.bulk.worker"},
+    {"bark.bulk.local", "bark.bulk.ray_engine"},
+    {"bark.bulk.synthesize"},
+    {"bark.bulk"},
+    {"bark.cli.batch"},
     {"bark.cli"},
 ]
 
