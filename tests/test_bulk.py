@@ -326,3 +326,32 @@ def test_flac_output_or_a_clear_error(ckpt, tmp_path, capsys):
     summary = synthesize_table(table, str(tmp_path / "out"), model=ckpt, format="flac", **FAST)
     data, rate = soundfile.read(str(tmp_path / "out" / "a.flac"), dtype="int16")
     assert summary.ok == 1 and rate == 24_000 and data.size == round(summary.entries[0]["audio_seconds"] * 24_000)
+
+
+def test_every_flag_reaches_the_run(tmp_path, monkeypatch, capsys):
+    import bark.cli.batch as batch_cli
+    from bark.bulk import BulkSummary
+
+    seen = {}
+
+    def fake(input_path, out_dir, options):
+        seen.update(input=input_path, out=out_dir, options=options)
+        return BulkSummary(rows=2, skipped=1, ok=1, failed=0, audio_seconds=1.5, wall_seconds=3.0,
+                           manifest=os.path.join(out_dir, "manifest.parquet"))
+
+    monkeypatch.setattr(batch_cli, "synthesize_table", fake)
+    argv = ["t.csv", "-o", "o", "--format", "flac", "--model", "m", "--voice", "v.npz", "--seed", "9", "--temperature",
+            "0.6", "--semantic-max-new-tokens", "20", "--pause", "0.5", "--batch-size", "3", "--engine", "ray",
+            "--workers", "2", "--ray-address", "auto", "--gpus-per-worker", "0.5", "--device", "cpu", "--dtype",
+            "float32", "--attn", "sdpa", "--threads", "1", "--quiet"]
+    assert batch_main(argv) == 0
+    o = seen["options"]
+    assert (seen["input"], seen["out"]) == ("t.csv", "o")
+    assert (o.format, o.model, o.voice, o.seed, o.temperature, o.semantic_max_new_tokens, o.pause, o.batch_size,
+            o.engine, o.workers, o.ray_address, o.gpus_per_worker, o.device, o.dtype, o.attn, o.threads, o.progress,
+            o.greedy, o.devices) == ("flac", "m", "v.npz", 9, 0.6, 20, 0.5, 3, "ray", 2, "auto", 0.5, "cpu",
+                                     "float32", "sdpa", 1, False, False, None)
+    assert capsys.readouterr().out == ("summary: 2 rows: 1 ok, 0 failed, 1 complete from an earlier run; 1.50 s of "
+                                       "audio in 0:00:03 (0.50 audio-s per wall-s)\nmanifest: o/manifest.parquet\n")
+    assert batch_main(["t.txt", "-o", "o", "--devices", "cuda:0, cuda:1", "--greedy"]) == 0
+    assert seen["options"].devices == ["cuda:0", "cuda:1"] and seen["options"].greedy

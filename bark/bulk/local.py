@@ -31,12 +31,18 @@ def run_local(rows: Sequence[Mapping], options: Mapping, emit: Callable[[dict], 
     device of ``devices``; ``emit(entry)`` each finished row's manifest entry, in this process."""
     n = len(devices) if devices else workers
     if n <= 1:
-        synth = Synthesizer({**options, "device": devices[0] if devices else options.get("device"),
-                             "worker": "local-0"})
+        import torch
+
+        threads = torch.get_num_threads()
         try:
-            synth.run(rows, emit)
+            synth = Synthesizer({**options, "device": devices[0] if devices else options.get("device"),
+                                 "worker": "local-0"})
+            try:
+                synth.run(rows, emit)
+            finally:
+                synth.close()
         finally:
-            synth.close()
+            torch.set_num_threads(threads)  # this process may be a larger program: leave torch as found
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads (or CUDA)
     messages = context.Queue()

@@ -31,6 +31,7 @@ class Progress:
     stream: object = None
     ok: int = 0
     failed: int = 0
+    ran: int = 0  # rows that went through a worker (the rate and the ETA count these, not the rows failed up front)
     audio_seconds: float = 0.0
     start: float = field(default_factory=time.perf_counter)
     _last: float = 0.0
@@ -44,6 +45,8 @@ class Progress:
         return time.perf_counter() - self.start
 
     def update(self, entry: dict) -> None:
+        if entry.get("worker") != "driver":
+            self.ran += 1
         if entry.get("status") == "ok":
             self.ok += 1
             self.audio_seconds += float(entry.get("audio_seconds") or 0.0)
@@ -56,7 +59,7 @@ class Progress:
 
     def line(self) -> str:
         wall = self.wall_seconds
-        rate = self.done / wall if wall > 0 else 0.0
+        rate = self.ran / wall if wall > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         return (f"rows {self.done}/{self.total} ({self.ok} ok, {self.failed} failed)  "
                 f"{self.audio_seconds / wall if wall > 0 else 0.0:.2f} audio-s/s  {rate:.2f} rows/s  "

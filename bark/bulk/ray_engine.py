@@ -17,6 +17,7 @@ stopped after). Inside a program that already called ``ray.init`` that cluster i
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -74,11 +75,12 @@ def run_ray(rows: Sequence[Mapping], options: Mapping, emit: Callable[[dict], No
     if not ray.is_initialized():
         init: dict = {"log_to_driver": False, "include_dashboard": False}
         if address:
-            init["address"] = address
+            init["address"] = address  # its nodes must have bark-kernels installed
         else:
             init["num_cpus"] = max(os.cpu_count() or 1, workers * threads)
-        # the actors import this checkout's bark as the driver does
-        init["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+            # the local actors import the bark that this process imports (a source checkout too)
+            init["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+        init["logging_level"] = logging.WARNING
         try:
             ray.init(**init)
         except Exception as e:  # ConnectionError, ValueError (bad address) ...
@@ -88,6 +90,7 @@ def run_ray(rows: Sequence[Mapping], options: Mapping, emit: Callable[[dict], No
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines between the progress
         if not rows:
             return
         per_call = rows_per_call or max(1, min(4 * int(options.get("batch_size", 8)),

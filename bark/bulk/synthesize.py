@@ -107,6 +107,10 @@ def _check_options(options: BulkOptions) -> None:
             raise BulkError(str(e)) from None
         if len({str(d) for d in parsed}) != len(parsed):
             raise BulkError(f"--devices: a device is named twice in {','.join(options.devices)}")
+    if options.engine == "ray" and options.device is not None and options.device.startswith("cuda") \
+            and not options.gpus_per_worker:
+        raise BulkError(f"--device {options.device} with --engine ray: give --gpus-per-worker (e.g. 1) so that Ray "
+                        f"gives each actor a GPU")
     if options.engine == "ray":
         problem = ray_available()
         if problem:

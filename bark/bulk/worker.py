@@ -117,13 +117,13 @@ class Synthesizer:
                     emit(self._entry(row, "failed", one_line(error), 0.0, 0.0))
                     continue
                 inflight.append((row, handle))
+            if self._orphaned():  # nobody would journal what this worker writes: stop, the resume redoes it
+                logger.warning("bulk worker %s: the run that started it is gone; stopping", self.worker)
+                self.close()
+                os._exit(1)
             self._finished.clear()
             done = [(row, handle) for row, handle in inflight if handle.finished]
             if not done:
-                if self._orphaned():
-                    logger.warning("bulk worker %s: the run that started it is gone; stopping", self.worker)
-                    self.close()
-                    os._exit(1)
                 self._finished.wait(0.5)
                 continue
             inflight = [(row, handle) for row, handle in inflight if not handle.finished]
