@@ -74,6 +74,19 @@ class BulkSummary:
     manifest: str
     warnings: list[str] = field(default_factory=list)
     entries: list[dict] = field(default_factory=list)  # the manifest: one entry per row, table order
+    timings: list[tuple] = field(default_factory=list)  # (worker, model ready, row finished) per row run, epoch s
+
+    @property
+    def steady_rows_per_second(self) -> float | None:
+        """Rows per second once every worker had its model loaded (start-up excluded): the rows finished after the
+        last worker became ready, over the time from then to the last row. None when too few rows for a figure."""
+        if not self.timings:
+            return None
+        start = max(ready for _, ready, _ in self.timings)
+        ends = [end for _, _, end in self.timings if end > start]
+        if len(ends) < 2 or max(ends) <= start:
+            return None
+        return len(ends) / (max(ends) - start)
 
     @property
     def complete(self) -> bool:
@@ -174,8 +187,12 @@ def synthesize_table(input_path: str, out_dir: str, options: BulkOptions | None 
                       "batch_size": options.batch_size, "format": options.format, "pause": options.pause,
                       "out_dir": os.path.abspath(out_dir)}
     progress = Progress(total=len(todo) + len(bad), skipped=skipped, show=options.progress)
+    timings: list[tuple[str, float, float]] = []
     with Journal(out_dir) as journal:
         def emit(entry: dict) -> None:
+            timing = entry.pop("timing", None)  # (worker ready, row finished), epoch seconds: not journaled
+            if timing is not None:
+                timings.append((entry["worker"], *timing))
             journal.append(entry)
             final[entry["row"]] = entry
             progress.update(entry)
@@ -194,7 +211,7 @@ def synthesize_table(input_path: str, out_dir: str, options: BulkOptions | None 
     manifest = write_manifest(out_dir, manifest_entries) or os.path.join(out_dir, "manifest.jsonl")
     return BulkSummary(rows=len(rows), skipped=skipped, ok=progress.ok, failed=progress.failed,
                        audio_seconds=progress.audio_seconds, wall_seconds=progress.wall_seconds, manifest=manifest,
-                       warnings=warnings, entries=manifest_entries)
+                       warnings=warnings, entries=manifest_entries, timings=timings)
 
 
 def _check_voices(rows: list[Row], default: str | None, setup) -> None:

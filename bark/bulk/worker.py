@@ -91,6 +91,7 @@ class Synthesizer:
         processor = loaded.processor or setup.processor or ByteTextEncoder()
         batch = int(options.get("batch_size", 8))
         self._finished = threading.Event()
+        self.ready_at = time.time()  # the model is loaded (wall clock: comparable across this machine's processes)
         self.engine = Engine(self.model, processor, max_batch=batch, max_queue=max(2 * batch, 16),
                              generate_kwargs=generate_kwargs(args, setup),
                              on_batch=lambda info: self._finished.set(), name=f"bark-bulk-{self.worker}")
@@ -158,4 +159,4 @@ class Synthesizer:
         return {"id": row["id"], "row": row["row"], "path": path, "status": status, "error": error,
                 "audio_seconds": round(audio_s, 6), "wall_seconds": round(wall_s, 4), "seed": row.get("seed"),
                 "voice": row.get("voice"), "model": self.model_name, "backend": self.backend, "key": row.get("key"),
-                "worker": self.worker}
+                "worker": self.worker, "timing": (self.ready_at, time.time())}
