@@ -47,7 +47,8 @@ def test_ray_gives_the_same_files_and_manifest_as_local_and_resumes(cluster, ckp
     assert (summary.rows, summary.ok, summary.failed, summary.skipped) == (9, 6, 3, 0)
     assert_same_audio(local_out, out, ["a", "b", "c", "d", "e", "7"])
     assert comparable(summary.entries) == comparable(local.entries)
-    assert all(e["worker"].startswith("ray-") for e in summary.entries if e["status"] == "ok")
+    workers = {e["worker"] for e in summary.entries if e["status"] == "ok"}
+    assert all(w.startswith("ray-") for w in workers) and 1 <= len(workers) <= 2
     pq = pytest.importorskip("pyarrow.parquet")
     assert comparable(pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()) == comparable(local.entries)
 

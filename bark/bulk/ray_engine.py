@@ -46,7 +46,7 @@ class _BulkActor:
         import ray
 
         try:
-            name = ray.get_runtime_context().get_actor_id()[-8:]
+            name = ray.get_runtime_context().get_actor_id()[:12]  # the actor's own bytes (the job id comes last)
         except Exception:  # noqa: BLE001 - a name for the manifest only
             name = str(os.getpid())
         self.synth = Synthesizer({**options, "worker": f"ray-{name}"})
@@ -93,15 +93,16 @@ def run_ray(rows: Sequence[Mapping], options: Mapping, emit: Callable[[dict], No
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines between the progress
         if not rows:
             return
-        # rows per actor call: enough for the engine to fill its batches, and at least two calls per actor so that
-        # an actor that started late still gets its share (each actor takes one call at a time, the next when done)
-        per_call = rows_per_call or max(1, min(4 * int(options.get("batch_size", 8)),
-                                               math.ceil(len(rows) / (2 * workers))))
+        # rows per actor call: at least one engine batch, at most four, and about four calls per actor, so that an
+        # actor that started late still gets its share (each actor takes one call at a time, the next when done)
+        batch = int(options.get("batch_size", 8))
+        per_call = rows_per_call or max(1, min(4 * batch, max(batch, math.ceil(len(rows) / (4 * workers)))))
         blocks = max(workers, math.ceil(len(rows) / per_call))
         dataset = ray.data.from_items([{"item": json.dumps(dict(row))} for row in rows], override_num_blocks=blocks)
         dataset = dataset.map_batches(
             _BulkActor, fn_constructor_kwargs={"options": dict(options)},
-            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1), num_cpus=threads, num_gpus=gpus_per_worker or None,
+            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1), num_cpus=threads,
+            num_gpus=gpus_per_worker or None,
             batch_size=per_call, batch_format="numpy", udf_modifying_row_count=False)
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):

@@ -47,8 +47,8 @@ class BulkError(SpeakError):
 @dataclass
 class Row:
     """One row of the table. ``number``: 1-based (the data row; for JSONL and text files the line number);
-    ``id``: the file name stem, as given (None when the row has none; a row with ``problem`` set writes no file); ``settings``: the row's own generation settings
-    (column -> checked value); ``problem``: why the row cannot be spoken (None: it can)."""
+    ``id``: the file name stem, as given (None when the row has none; a row with ``problem`` set writes no file);
+    ``settings``: the row's own generation settings (column -> checked value); ``problem``: why the row cannot be spoken (None: it can)."""
 
     number: int
     id: str | None

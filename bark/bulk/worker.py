@@ -32,7 +32,7 @@ __all__ = ["Synthesizer", "model_args", "request_kwargs", "one_line", "MODEL_SEE
 
 logger = logging.getLogger("bark")
 
-MODEL_SEED = 0  # the built-in random model's weights are drawn with this seed in every worker: the same model everywhere
+MODEL_SEED = 0  # the built-in random model's weights are drawn with this seed in every worker: one model everywhere
 
 
 def model_args(options: Mapping) -> argparse.Namespace:
