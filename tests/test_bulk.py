@@ -355,3 +355,35 @@ def test_every_flag_reaches_the_run(tmp_path, monkeypatch, capsys):
                                        "audio in 0:00:03 (0.50 audio-s per wall-s)\nmanifest: o/manifest.parquet\n")
     assert batch_main(["t.txt", "-o", "o", "--devices", "cuda:0, cuda:1", "--greedy"]) == 0
     assert seen["options"].devices == ["cuda:0", "cuda:1"] and seen["options"].greedy
+
+
+def test_batch_is_dispatched_through_its_entry_point(monkeypatch, capsys):
+    from importlib.metadata import EntryPoint
+
+    from bark_kernels import cli
+
+    entry = EntryPoint(name="batch", value="bark.cli.batch:batch_main", group=cli.COMMAND_GROUP)
+    monkeypatch.setattr(cli, "registered_commands", lambda: {"batch": entry})
+    assert cli.main(["batch", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: bark-kernels batch ")
+    assert cli.main(["batch", "t.jsonl"]) == 2
+    assert capsys.readouterr().err == ("bark-kernels batch: error: the following arguments are required: "
+                                       "-o/--output-dir (--help for usage)\n")
+
+
+def test_a_kill_s_leftovers_are_cleaned_and_a_cut_journal_line_dropped(tmp_path):
+    """What a kill can leave (a temporary audio file, a journal line without its newline) is gone before the next
+    run appends: the next entry starts on its own line."""
+    from bark.bulk.manifest import Journal, prepare_out_dir, read_journal
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".a.wav.x1y2.tmp").write_bytes(b"RIFF half")
+    (out / ".keep-me").write_text("not ours")
+    (out / "manifest.jsonl").write_text('{"id": "a", "status": "ok"}\n{"id": "b", "sta', encoding="utf-8")
+    assert [e["id"] for e in read_journal(str(out))] == ["a"]
+    prepare_out_dir(str(out), "wav")
+    assert sorted(os.listdir(out)) == [".keep-me", "manifest.jsonl"]
+    with Journal(str(out)) as j:
+        j.append({"id": "c", "status": "ok"})
+    assert [e["id"] for e in read_journal(str(out))] == ["a", "c"]
