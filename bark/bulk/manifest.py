@@ -12,8 +12,8 @@ that redoes a failed row) append a new line: the last line of a row wins.
 ``OUT_DIR/manifest.parquet`` (when pyarrow is installed), written at the end of every run, atomically: the table of the
 journal's last entry of each row of the input. Columns: :data:`FIELDS`.
 
-Resume: a row is *complete* when the journal's last entry for its id is ``ok``, has the same key (a digest of the
-text, voice, seed, settings, model and format: an edited row is redone) and its file exists. Everything else runs.
+Resume: a row is *complete* when the journal's last ``ok`` entry for its id has the same key (a digest of the text,
+voice, seed, settings, model and format: an edited row is redone) and its file exists. Everything else runs.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ them on the local engine or on Ray, journal every finished row, and write the ma
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 
 from bark_kernels.devices import parse_device
@@ -186,6 +187,17 @@ def synthesize_table(input_path: str, out_dir: str, options: BulkOptions | None 
                       "greedy": options.greedy, "temperature": options.temperature,
                       "batch_size": options.batch_size, "format": options.format, "pause": options.pause,
                       "out_dir": os.path.abspath(out_dir)}
+    if options.progress:
+        where = (f"{len(options.devices)} worker processes on {','.join(options.devices)}" if options.devices else
+                 f"{n_workers} {'Ray actor' if options.engine == 'ray' else 'worker process'}"
+                 f"{'s' if n_workers > 1 else ''}" if options.engine == "ray" or n_workers > 1 else "this process")
+        print(f"bulk: {len(rows)} rows: {len(todo)} to run, {skipped} complete from an earlier run, {len(bad)} bad; "
+              f"model {setup.name} [{device}, {str(dtype).replace('torch.', '')}, attn={options.attn}] in {where}"
+              + (f", {threads} thread{'s' if threads != 1 else ''} each" if threads else ""), file=sys.stderr,
+              flush=True)
+        if setup.random:
+            print("NOTE: the built-in random model (NOT trained): every file is NOISE, not speech; pass --model "
+                  "suno/bark-small for real speech", file=sys.stderr, flush=True)
     progress = Progress(total=len(todo) + len(bad), skipped=skipped, show=options.progress)
     timings: list[tuple[str, float, float]] = []
     with Journal(out_dir) as journal:
