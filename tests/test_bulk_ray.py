@@ -69,3 +69,19 @@ def test_a_row_that_fails_in_an_actor_is_recorded_and_the_rest_goes_on(cluster, 
     assert by_id["good"]["status"] == "ok" and os.path.isfile(tmp_path / "out" / "good.wav")
     assert by_id["huge"]["status"] == "failed" and by_id["huge"]["error"].startswith("generation failed: ")
     assert "\n" not in by_id["huge"]["error"] and not os.path.exists(tmp_path / "out" / "huge.wav")
+
+
+def test_an_actor_that_cannot_load_its_model_ends_the_run_in_one_line(cluster, tmp_path):
+    """The driver checks the model first; an actor can still fail on its node (here: a model path only the driver
+    has): the run ends with one line naming the cause, and what finished is kept."""
+    from bark.bulk import BulkError
+    from bark.bulk.ray_engine import run_ray
+
+    row = {"row": 1, "id": "a", "text": "hello.", "seed": 0, "settings": {}, "key": "k"}
+    options = {"model": str(tmp_path / "only-on-the-driver"), "device": "cpu", "threads": 1,
+               "out_dir": str(tmp_path)}
+    with pytest.raises(BulkError) as error:
+        run_ray([row], options, lambda entry: pytest.fail("no row can finish"), workers=1)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("--engine ray: a worker failed: ")
+    assert "only-on-the-driver" in message and "does not exist" in message

@@ -39,6 +39,13 @@ def ray_available() -> str | None:
     return None
 
 
+def _first_line(error: BaseException) -> str:
+    """The first line that names the problem (Ray wraps it in tracebacks), at most 300 characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    wanted = [line for line in lines if "Error" in line and not line.startswith(("File ", "Traceback"))]
+    return (wanted[-1] if wanted else lines[0] if lines else type(error).__name__)[:300]
+
+
 class _BulkActor:
     """A Ray Data callable class: the model once per actor, a batch of rows per call."""
 
@@ -103,14 +110,19 @@ def run_ray(rows: Sequence[Mapping], options: Mapping, emit: Callable[[dict], No
             _BulkActor, fn_constructor_kwargs={"options": dict(options)},
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1), num_cpus=threads,
             num_gpus=gpus_per_worker or None,
-            batch_size=per_call, batch_format="numpy", udf_modifying_row_count=False)
-        try:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                for item in batch["entry"]:
-                    emit(json.loads(item))
-        except ray.exceptions.RayError as e:
-            cause = getattr(e, "cause", None) or e
-            raise BulkError(f"--engine ray: a worker failed: {' '.join(str(cause).split())[:500]}") from None
+            batch_size=per_call, batch_format="numpy")
+        batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as e:  # Ray's: an actor that could not load its model, a lost node, ...
+                cause = getattr(e, "cause", None) or e
+                raise BulkError(f"--engine ray: a worker failed: {_first_line(cause)} (finished rows are kept; run "
+                                f"the command again to resume)") from None
+            for item in batch["entry"]:
+                emit(json.loads(item))
     finally:
         if started:
             ray.shutdown()
