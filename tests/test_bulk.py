@@ -387,3 +387,19 @@ def test_a_kill_s_leftovers_are_cleaned_and_a_cut_journal_line_dropped(tmp_path)
     with Journal(str(out)) as j:
         j.append({"id": "c", "status": "ok"})
     assert [e["id"] for e in read_journal(str(out))] == ["a", "c"]
+
+
+def test_benchmark_derives_scaling_and_verdicts_only_from_its_own_runs():
+    from benchmarks import bulk as bench
+
+    runs = {"local-1": {"rows_per_s": 2.0, "steady_rows_per_s": 2.5}, "local-2": {"rows_per_s": 3.0,
+                                                                              "steady_rows_per_s": 4.5},
+            "ray-2": {"rows_per_s": 2.4, "steady_rows_per_s": 4.0}}
+    derived = bench.derive(runs)
+    assert (derived["local_scaling_end_to_end"], derived["local_scaling_steady"]) == (1.5, 1.8)
+    assert derived["ray_scaling_steady"] is None  # no ray-1 run: nothing is made up
+    assert derived["ray_vs_local_2_workers_end_to_end"] == 0.8
+    assert derived["targets"]["local 2 workers >= 1.6x one (steady)"] == "met (1.8)"
+    assert derived["targets"]["local 2 workers >= 1.6x one (end_to_end)"] == "not met (1.5)"
+    assert derived["targets"]["ray 2 actors >= 1.6x one (steady)"] == "not measured"
+    assert derived["targets"]["ray within 15% of local at 2 workers (steady)"] == "met (0.889)"
