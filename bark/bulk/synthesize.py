@@ -140,6 +140,8 @@ def synthesize_table(input_path: str, out_dir: str, options: BulkOptions | None 
     arguments of :class:`BulkOptions`) as the command's flags. Raises :class:`BulkError` (one line) for a bad input,
     output directory or option, before any model is loaded; bad rows are recorded as failed and the rest goes on."""
     options = BulkOptions(**{**(asdict(options) if options is not None else {}), **overrides})
+    if isinstance(options.devices, str):  # "cuda:0,cuda:1", as on the command line
+        options.devices = [d.strip() for d in options.devices.split(",")]
     _check_options(options)
     rows, warnings = read_table(input_path)
     prepare_out_dir(out_dir, options.format)
