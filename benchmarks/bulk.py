@@ -13,7 +13,8 @@ directory:
 * ``local-1``: ``--engine local --workers 1`` (the command's own process),
 * ``local-2``: ``--engine local --workers 2`` (two worker processes over disjoint shards),
 * ``ray-1`` / ``ray-2``: ``--engine ray`` with 1 / 2 actors on one local Ray cluster (``num_cpus=2``, started once
-  before the runs, as a cluster a user runs on is already up).
+  after the local runs and before the Ray runs, as a cluster a user runs on is already up; its own processes would
+  otherwise take CPU from the local runs).
 
 Recorded per run: wall seconds of the whole call (model loads, process or actor start-up included: what a user
 waits for), rows/s and audio-s per wall-s over that wall time, and a steady-state rows/s
@@ -182,8 +183,6 @@ def main(argv: list[str] | None = None) -> int:
             import ray
 
             ray_version = ray.__version__
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
         ckpt = build_checkpoint(work / "ckpt")
         table = write_table(work / "table.jsonl", rows)
         result = {"rows": rows, "tokens": tokens, "runs": {}, "environment": {
@@ -195,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             if engine not in engines:
                 continue
             name = f"{engine}-{workers}"
+            if engine == "ray" and not ray.is_initialized():  # after the local runs: its processes take CPU too
+                ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
             run_out = str(work / name)
             result["runs"][name] = run_config(engine, workers, table, ckpt, run_out, tokens)
             files = {f: _frames(os.path.join(run_out, f)) for f in sorted(os.listdir(run_out)) if f.endswith(".wav")}
