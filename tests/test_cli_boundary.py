@@ -20,7 +20,8 @@ from bark_tiny import random_voice_preset, save_tiny_speak_checkpoint  # noqa: E
 
 ROOT = Path(__file__).resolve().parent.parent
 READERS = {("bark/cli/speak.py", "request_and_options"), ("bark/cli/speak.py", "run_speak"),
-           ("bark/cli/longform.py", "given_longform"), ("bark/cli/serve.py", "run_serve")}
+           ("bark/cli/longform.py", "given_longform"), ("bark/cli/serve.py", "run_serve"),
+           ("bark/cli/batch.py", "run_batch")}
 
 
 def test_no_module_below_the_cli_imports_argparse():

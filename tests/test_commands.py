@@ -36,6 +36,9 @@ def test_pyproject_registers_speak_of_the_model_package():
     import bark.cli.serve
 
     assert _entry(_declared()["serve"], "serve").load() is bark.cli.serve.serve_main
+    import bark.cli.batch
+
+    assert _entry(_declared()["batch"], "batch").load() is bark.cli.batch.batch_main
 
 
 def test_installed_metadata_of_this_checkout_has_the_commands(tmp_path):

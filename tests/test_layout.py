@@ -84,9 +84,14 @@ BARK_LAYERS = [
     {"bark.longform", "bark.options"},
     {"bark.engine"},
     {"bark", "bark.cli.progress", "bark.cli.setup", "bark.serve.audio", "bark.serve.page"},
-    {"bark.cli.longform", "bark.serve.app"},
-    {"bark.cli.speak", "bark.serve"},
-    {"bark.cli", "bark.cli.serve"},
+    {"bark.cli.longform", "bark.serve.app", "bark.bulk.table", "bark.bulk.progress"},
+    {"bark.cli.speak", "bark.serve", "bark.bulk.manifest"},
+    {"bark.bulk.worker", "bark.cli.serve"},
+    {"bark.bulk.local", "bark.bulk.ray_engine"},
+    {"bark.bulk.synthesize"},
+    {"bark.bulk"},
+    {"bark.cli.batch"},
+    {"bark.cli"},
 ]
 
 

@@ -236,7 +236,7 @@ def _run(args: ServeCommand, options: EngineOptions) -> int:
         voice_file = named_voice if named_voice is not None and named_voice.endswith(".npz") else None
         check_voice_file(voice_file)
         setup = plan(SpeakRequest(output="", voice=voice_file, semantic_max_new_tokens=args.semantic_max_new_tokens),
-                     options, [], device, dtype)
+                     options, [], device, dtype, announce=False)
         voices = _saved_voices(args.voices_dir, setup.processor, setup.config)
         presets = tuple(setup.processor.available_voice_presets) if setup.processor is not None else ()
         default_voice = None

@@ -285,10 +285,12 @@ class Plan:
         return self.source.random
 
 
-def plan(request: SpeakRequest, options: EngineOptions, texts: Sequence[str], device, dtype) -> Plan:
+def plan(request: SpeakRequest, options: EngineOptions, texts: Sequence[str], device, dtype,
+         announce: bool = True) -> Plan:
     """The checkpoint (or the random model), the voice, the attention backend and the token cap, checked without the
-    weights (bark.options), with what ``speak`` says on the way (first: the recipe)."""
-    print(recipe_line(request.recipe), flush=True)
+    weights (bark.options), with what ``speak`` says on the way (first, with ``announce``: the recipe)."""
+    if announce:
+        print(recipe_line(request.recipe), flush=True)
     with _speak_errors():
         source = bark_options.locate_model(options.model, FLAGS)
         if source.random and source.defaulted:
