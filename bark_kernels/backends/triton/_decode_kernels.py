@@ -83,7 +83,7 @@ def _ln_linear_kernel(X, LnW, LnB, W, Bias, Out, K_cache, V_cache, Seqlens,
                       stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                       head_dim,
                       HAS_LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
-                      BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
                       IEEE: tl.constexpr, USE_PDL: tl.constexpr):
     """Grid (cdiv(n_out, BLOCK_N), cdiv(n_rows, BLOCK_B)): out = LayerNorm(X) @ W.T (+ Bias), then the epilogue.
 
@@ -119,9 +119,10 @@ def _ln_linear_kernel(X, LnW, LnB, W, Bias, Out, K_cache, V_cache, Seqlens,
             acc = tl.dot(xn, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(xn, w, acc)
-        next_k = offs_k + BLOCK_K  # the next weight tile (all masked after the last)
-        w = tl.load(W + w_rows[None, :] + next_k[:, None] * stride_wk, mask=n_ok[None, :] & (next_k[:, None] < n_in),
-                    other=0.0)
+        if not SINGLE_K:  # the next weight tile (all masked after the last)
+            next_k = offs_k + BLOCK_K
+            w = tl.load(W + w_rows[None, :] + next_k[:, None] * stride_wk,
+                        mask=n_ok[None, :] & (next_k[:, None] < n_in), other=0.0)
     if USE_PDL:
         _gdc_launch_dependents()
     if HAS_BIAS:
@@ -152,7 +153,7 @@ def _ln_linear_kernel(X, LnW, LnB, W, Bias, Out, K_cache, V_cache, Seqlens,
 def _linear_residual_kernel(A, W, Bias, X, n_rows, n_in, n_out,
                             stride_ab, stride_wn, stride_wk, stride_xb,
                             HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+                            BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr):
     """Grid (cdiv(n_out, BLOCK_N), cdiv(n_rows, BLOCK_B)): X += round(A @ W.T + Bias), in place (each program reads
     and writes only its own columns of X). A (B, n_in), W (n_out, n_in) any strides, X (B, n_out)."""
     pid_n = tl.program_id(0)
@@ -176,9 +177,10 @@ def _linear_residual_kernel(A, W, Bias, X, n_rows, n_in, n_out,
             acc = tl.dot(a.to(w.dtype), w, acc, input_precision="ieee")
         else:
             acc = tl.dot(a.to(w.dtype), w, acc)
-        next_k = offs_k + BLOCK_K
-        w = tl.load(W + w_rows[None, :] + next_k[:, None] * stride_wk, mask=n_ok[None, :] & (next_k[:, None] < n_in),
-                    other=0.0)
+        if not SINGLE_K:  # the next weight tile (all masked after the last)
+            next_k = offs_k + BLOCK_K
+            w = tl.load(W + w_rows[None, :] + next_k[:, None] * stride_wk,
+                        mask=n_ok[None, :] & (next_k[:, None] < n_in), other=0.0)
     if USE_PDL:
         _gdc_launch_dependents()
     if HAS_BIAS:
@@ -323,7 +325,7 @@ def _pick_kernel(Logits, ExpQ, Suppressed, Finished, Record, Col, Tokens, Seqlen
         m = tl.max(s, 0)
         e = tl.math.exp(s - m)
         p_eos = tl.sum(tl.where(offs == eos, e, 0.0), 0) / tl.sum(e, 0)
-        s = tl.where((p_eos > min_eos_p) & (offs != eos), float("-inf"), s)
+        s = tl.where(((p_eos + tl.zeros_like(s)) > min_eos_p) & (offs != eos), float("-inf"), s)
     if DO_SAMPLE:
         if HAS_TEMPERATURE:
             s = s / temperature

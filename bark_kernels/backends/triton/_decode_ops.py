@@ -81,8 +81,8 @@ def linear_config(n_rows: int, n_in: int, n_out: int, dtype: torch.dtype) -> Lin
     that even batch 1 has many programs reading weights. CUDA values NOT tuned on a GPU yet (aot_check: registers,
     spills); under the interpreter the blocks are large (each loop trip costs milliseconds there)."""
     block_b = max(16, min(64, triton.next_power_of_2(max(n_rows, 1))))
-    if interpreter_enabled():
-        return LinearConfig(block_b, min(512, triton.next_power_of_2(n_out)), min(1024, triton.next_power_of_2(n_in)),
+    if interpreter_enabled():  # few programs and trips (the interpreter's cost is per operation); tiles <= 2**20
+        return LinearConfig(block_b, min(1024, triton.next_power_of_2(n_out)), min(1024, triton.next_power_of_2(n_in)),
                             4, 1)
     if dtype == torch.float32:
         return LinearConfig(block_b, 16, 32, 4, 2)
@@ -126,7 +126,8 @@ def _ln_linear(x, ln_w, ln_b, w, bias, out, eps, epilogue, k_cache=None, v_cache
         n_rows, n_in, n_out, float(eps),
         x.stride(0), w.stride(0), w.stride(1), out.stride(0), *cache_strides, head_dim,
         HAS_LN_BIAS=ln_b is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
-        BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, IEEE=_ieee(w.dtype),
+        BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=n_in <= cfg.block_k,
+        IEEE=_ieee(w.dtype),
         USE_PDL=_use_pdl(x.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_launch_options(x.device),
     )
 
@@ -188,6 +189,7 @@ def fused_linear_residual(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch
     K._linear_residual_kernel[grid](
         a, w, bias if bias is not None else w, x, n_rows, n_in, n_out, a.stride(0), w.stride(0), w.stride(1),
         x.stride(0), HAS_BIAS=bias is not None, BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SINGLE_K=n_in <= cfg.block_k,
         IEEE=_ieee(w.dtype), USE_PDL=_use_pdl(x.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_launch_options(x.device),
     )
