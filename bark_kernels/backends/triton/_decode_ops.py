@@ -104,6 +104,11 @@ def pick_block(n: int) -> int:
     return triton.next_power_of_2(max(n, 16))
 
 
+def pick_warps(n: int) -> int:
+    """Warps of the pick kernel: the row (up to 16,384 float32 lanes) and its keys stay in registers without spills."""
+    return 16 if n > 4096 else 4
+
+
 def _ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
@@ -245,7 +250,7 @@ def fused_pick(logits: torch.Tensor, exp_q: Optional[torch.Tensor], suppressed: 
         SEMANTIC=eos >= 0, HAS_SUPPRESS=suppressed is not None, HAS_MIN_NEW=eos >= 0 and min_new_tokens > 0,
         HAS_MIN_EOS_P=eos >= 0 and min_eos_p > 0, DO_SAMPLE=do_sample, HAS_TEMPERATURE=do_sample and temperature != 1.0,
         HAS_TOP_K=do_sample and 0 < top_k < n, HAS_TOP_P=do_sample and top_p < 1.0, BLOCK_V=pick_block(n),
-        USE_PDL=_use_pdl(logits.device), num_warps=8 if n > 4096 else 4, **_launch_options(logits.device),
+        USE_PDL=_use_pdl(logits.device), num_warps=pick_warps(n), **_launch_options(logits.device),
     )
 
 
