@@ -26,12 +26,17 @@ from bark_kernels.backends.triton import _env
 from bark_kernels.testing import assert_close_to_reference
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(not _env.interpreter_enabled() and not torch.cuda.is_available(),
-                                reason="the fused kernels need CUDA or Triton's interpreter")
+pytestmark = [pytest.mark.skipif(not _env.interpreter_enabled() and not torch.cuda.is_available(),
+                                 reason="the fused kernels need CUDA or Triton's interpreter")]
+if not _env.interpreter_enabled():  # on a GPU machine these are GPU tests (the GPU command runs them first)
+    pytestmark.append(pytest.mark.gpu)
 import bark_tiny  # noqa: E402
 
 decode = pytest.importorskip("bark_kernels.backends.triton.decode")
 
+# CPU under Triton's interpreter (CI); on a GPU machine (interpreter off) the same tests run on CUDA, where the fused
+# step is captured as a CUDA graph
+DEVICE = torch.device("cpu" if _env.interpreter_enabled() else "cuda")
 WIDTH, HEADS = 128, 2  # head_dim 64 as Bark's; the interpreter's cost grows with the weights a step reads
 SMALL_WIDTH, SMALL_HEADS = 768, 12  # bark-small's widths
 
@@ -40,7 +45,7 @@ SMALL_WIDTH, SMALL_HEADS = 768, 12  # bark-small's widths
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_bark_fused")
     bark_tiny.save_tiny_bark(path, seed=5, hidden_size=32, num_layers=2, num_heads=2)
-    return bark.BarkModel.from_pretrained(path, attn_implementation="eager")
+    return bark.BarkModel.from_pretrained(path, attn_implementation="eager").to(DEVICE)
 
 
 def _causal(vocab_in: int, vocab_out: int, layers: int = 1, bias: bool = False, seed: int = 0,
@@ -54,7 +59,7 @@ def _causal(vocab_in: int, vocab_out: int, layers: int = 1, bias: bool = False, 
         for name, p in model.named_parameters():
             if "layernorm" in name:
                 p.add_(0.1 * torch.randn_like(p))
-    return model.to(dtype)
+    return model.to(device=DEVICE, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +73,12 @@ def coarse():
 
 
 def _semantic_heads(model, gen, batch, params, generator, min_eos_p=None, min_new=0):
-    record = _TokenRecord(batch, 24, gen.semantic_config.semantic_pad_token, torch.device("cpu"))
+    record = _TokenRecord(batch, 24, gen.semantic_config.semantic_pad_token, DEVICE)
     return record, [_SemanticHead(model, record, gen, params, min_eos_p, min_new, generator)]
 
 
 def _coarse_heads(model, gen, batch, params, generator):
-    record = _TokenRecord(batch, 24, 0, torch.device("cpu"))
+    record = _TokenRecord(batch, 24, 0, DEVICE)
     sem = gen.semantic_config.semantic_vocab_size
     bounds = [(sem, sem + 1024), (sem + 1024, model.config.output_vocab_size)]
     return record, [_CoarseHead(model, record, b, params, generator) for b in bounds]
@@ -81,13 +86,13 @@ def _coarse_heads(model, gen, batch, params, generator):
 
 def _prompts(lengths, seed=0, width=WIDTH):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, width, generator=g) for n in lengths]
+    return [torch.randn(n, width, generator=g).to(DEVICE) for n in lengths]
 
 
 def _decode(model, heads_fn, mode, prompts, steps, params=SamplingParams(), seed=None, splits=None, **head_kw):
     """Prefill ``prompts`` (list of (T_b, C)) and run ``steps`` steps (variants alternate) -> record (B, steps + 1)."""
     batch = len(prompts)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    generator = torch.Generator(DEVICE).manual_seed(seed) if seed is not None else None
     record, heads = heads_fn(batch, params, generator, **head_kw)
     session = bark_session.DecodeSession(model, batch, 48, heads, mode, generators=[generator])
     if splits is not None:
@@ -199,7 +204,7 @@ def test_a_head_without_fused_form_runs_after_the_fused_layers(tiny, semantic, c
 
 
 def test_generate_fused_gives_the_eager_tokens_for_every_stage(tiny):
-    ids, mask = bark_tiny.random_text_ids(3, [12, 30, 7], seed=1)
+    ids, mask = (t.to(DEVICE) for t in bark_tiny.random_text_ids(3, [12, 30, 7], seed=1))
     ref = generate_tokens(tiny, ids, mask, semantic_max_new_tokens=6, decode_mode="eager")
     out = generate_tokens(tiny, ids, mask, semantic_max_new_tokens=6, decode_mode="fused")
     for stage in ("semantic", "coarse", "fine"):
