@@ -104,6 +104,7 @@ def _decode(model, heads_fn, mode, prompts, steps, params=SamplingParams(), seed
         session.prefill(prompts)
     for i in range(steps):
         session.step(i % len(heads))
+    assert session.fallback is None, session.fallback  # CUDA: every variant captured as a graph
     return record.tokens[:, : steps + 1].clone(), session
 
 
