@@ -232,9 +232,11 @@ def run(arch: int = 90, quick: bool = False, out=sys.stdout) -> list[str]:
             failures.append(f"{label}: no cp.async in the PTX (K/V loads are not pipelined)")
         usage = _ptxas_usage(ptx, arch)
         regs = "registers ?" if usage is None else f"{usage[0]} registers, {usage[1]} B spilled"
-        if usage is not None and usage[1] > MAX_SPILL_BYTES:
+        # the fused decode kernels must not spill at all (each runs once per layer per step, at ~1-3 µs)
+        limit_spill = 0 if label.startswith("decode") else MAX_SPILL_BYTES
+        if usage is not None and usage[1] > limit_spill:
             status = "SPILL"
-            failures.append(f"{label}: {usage[1]} bytes of register spills > {MAX_SPILL_BYTES}")
+            failures.append(f"{label}: {usage[1]} bytes of register spills > {limit_spill}")
         print(f"{status:4s} {label}: shared {shared} B, {regs}, {time.time() - t0:.1f}s", file=out)
 
     for dtype, head_dim, mode, causal, has_new, split, cfg in _attn_variants(quick):
