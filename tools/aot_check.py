@@ -195,7 +195,7 @@ def triton_next_pow2(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-def run(arch: int = 90, quick: bool = False, out=sys.stdout) -> list[str]:
+def run(arch: int = 90, quick: bool = False, out=sys.stdout, decode_only: bool = False) -> list[str]:
     """Compile the variants; returns the failures (empty when every variant compiled within the shared limit)."""
     from triton.backends.compiler import GPUTarget
 
@@ -239,7 +239,7 @@ def run(arch: int = 90, quick: bool = False, out=sys.stdout) -> list[str]:
             failures.append(f"{label}: {usage[1]} bytes of register spills > {limit_spill}")
         print(f"{status:4s} {label}: shared {shared} B, {regs}, {time.time() - t0:.1f}s", file=out)
 
-    for dtype, head_dim, mode, causal, has_new, split, cfg in _attn_variants(quick):
+    for dtype, head_dim, mode, causal, has_new, split, cfg in ([] if decode_only else _attn_variants(quick)):
         tl_dtype = _TL_NAME[dtype]
         consts = dict(MODE=mode, CAUSAL=causal, HAS_NEW=has_new, FROM_NEW=has_new, SPLIT=split,
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim,
@@ -251,12 +251,12 @@ def run(arch: int = 90, quick: bool = False, out=sys.stdout) -> list[str]:
                  f"BM={cfg.block_m} BN={cfg.block_n} warps={cfg.num_warps} stages={cfg.num_stages}")
         check(label, _attn_fwd_kernel, _signature(_attn_fwd_kernel, pointers, ("qk_scale",), consts), consts,
               cfg.num_warps, cfg.num_stages)
-    for head_dim in ([64, 40] if quick else [16, 64, 128, 8, 80, 256]):
+    for head_dim in ([] if decode_only else [64, 40] if quick else [16, 64, 128, 8, 80, 256]):
         consts = dict(NUM_SPLITS=5, SPLITS_POW2=8, HEAD_DIM=head_dim, HEAD_DIM_PAD=L.head_dim_pad(head_dim))
         pointers = {"Acc_ws": "*fp32", "M_ws": "*fp32", "L_ws": "*fp32", "Out": "*fp16"}
         check(f"combine D={head_dim}", _combine_splits_kernel,
               _signature(_combine_splits_kernel, pointers, (), consts), consts, 1 if head_dim <= 64 else 2, 1)
-    for fn in (_gather_rows_kernel, _scatter_rows_kernel):
+    for fn in (() if decode_only else (_gather_rows_kernel, _scatter_rows_kernel)):
         consts = dict(BLOCK_R=4, BLOCK_F=1024)
         pointers = {"X": "*bf16", "Indices": "*i64", "Out": "*bf16"}
         check(f"{fn.__name__} BLOCK_F=1024", fn, _signature(fn, pointers, (), consts), consts, 4, 1)
@@ -274,8 +274,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an int (90 = H100, 80 = A100)")
     parser.add_argument("--quick", action="store_true", help="a few representative variants only")
+    parser.add_argument("--decode-only", action="store_true", help="only the fused decode step's kernels")
     args = parser.parse_args(argv)
-    failures = run(args.arch, args.quick)
+    failures = run(args.arch, args.quick, decode_only=args.decode_only)
     print(f"{len(failures)} failure(s)")
     for f in failures:
         print("  " + f)
