@@ -36,8 +36,8 @@ import torch
 from torch.nn import functional as F
 
 from .config import BarkGenerationConfig
-from .session import DECODE_MODES, WARMUP_STEPS as _WARMUP_STEPS, DecodeSession, FinePasses, FusedHeadSpec, pooled, \
-    resolve_mode
+from .session import DECODE_MODES, DecodeSession, FinePasses, FusedHeadSpec, pooled, resolve_mode
+from .session import WARMUP_STEPS as _WARMUP_STEPS
 
 __all__ = ["generate", "generate_tokens", "SamplingParams", "StageEvent", "TokenChoices", "split_generate_kwargs"]
 

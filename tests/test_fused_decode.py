@@ -307,7 +307,7 @@ def test_one_fused_step_of_generate_is_five_launches_per_layer_and_at_most_four_
     print(f"fused step device work (launches + kernel-launching torch ops): {counts}")
 
 
-# -- compile, no host reads ----------------------------------------------------------------------------------------------
+# -- compile, no host reads ----------------------------------------------------------------------------------------
 
 
 def test_the_fused_step_traces_fullgraph_and_reads_nothing_back(tiny, semantic):
@@ -341,7 +341,7 @@ def test_the_fused_step_traces_fullgraph_and_reads_nothing_back(tiny, semantic):
             assert bool(((record2.tokens[:, 1] >= 0) & (record2.tokens[:, 1] < 10_000)).all())
 
 
-# -- kernels in fp16 / bf16 against float64, within the tolerance table --------------------------------------------------
+# -- kernels in fp16 / bf16 against float64, within the tolerance table ------------------------------------------------
 
 
 def _ln(x, w, b):

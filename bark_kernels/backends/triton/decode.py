@@ -29,8 +29,16 @@ def problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | No
 
 
 if _IMPORT_ERROR is None:
-    from ._decode_ops import (attention_splits, fused_attention, fused_embed, fused_linear_residual, fused_ln_linear,
-                              fused_ln_qkv, fused_pick, head_dim_pad)
+    from ._decode_ops import (
+        attention_splits,
+        fused_attention,
+        fused_embed,
+        fused_linear_residual,
+        fused_ln_linear,
+        fused_ln_qkv,
+        fused_pick,
+        head_dim_pad,
+    )
     from ._decode_ops import pdl_problem as _pdl_problem
 
     def pdl_problem(device: torch.device) -> str | None:
