@@ -36,14 +36,15 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from .config import BarkGenerationConfig
-from .session import DECODE_MODES, WARMUP_STEPS as _WARMUP_STEPS, DecodeSession, FinePasses, pooled, resolve_mode
+from .session import DECODE_MODES, DecodeSession, FinePasses, FusedHeadSpec, pooled, resolve_mode
+from .session import WARMUP_STEPS as _WARMUP_STEPS
 
 __all__ = ["generate", "generate_tokens", "SamplingParams", "StageEvent", "TokenChoices", "split_generate_kwargs",
            "RECIPES", "DEFAULT_RECIPE", "FRONT_END_RECIPE", "SUNO_DEFAULTS", "suno_log_probs", "select_suno",
@@ -317,6 +318,23 @@ def exponential_race(probs: torch.Tensor, generator: torch.Generator | None = No
     return torch.argmax(probs / q, dim=-1)
 
 
+def _fused_sampling(params: SamplingParams, generator) -> dict | str:
+    """The sampling settings of a fused head (bark.session.FusedHeadSpec) when ``params`` and ``generator`` are
+    transformers' recipe with one torch.Generator (or none); else why not (the head then runs as torch ops)."""
+    extra = {f.name: getattr(params, f.name) for f in fields(params)
+             if f.name not in ("do_sample", "temperature", "top_k", "top_p")}
+    if any(v not in (None, "transformers") for v in extra.values()):
+        return f"sampling settings {extra} have no fused form"
+    if generator is not None and not isinstance(generator, torch.Generator):
+        return f"generator {type(generator).__name__} has no fused form (one torch.Generator or None)"
+    if not params.do_sample:
+        return dict(do_sample=False)
+    return dict(do_sample=True, generator=generator,
+                temperature=1.0 if params.temperature is None else float(params.temperature),
+                top_k=50 if params.top_k is None else int(params.top_k),
+                top_p=1.0 if params.top_p is None else float(params.top_p))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # per-row random streams (row_seeds)
 
@@ -578,6 +596,19 @@ class _SemanticHead:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.pick(self.scores(hidden))
 
+    def fused_spec(self) -> FusedHeadSpec | str:
+        """This head as the fused step's head kernels do it (bark.session, decode_mode='fused'), or why not."""
+        if self.observer is not None:
+            return "an observer reads every step's scores"
+        if self.noise is not None and self.params.do_sample:
+            return "per-row random streams (row_seeds) have no fused form"
+        sampling = _fused_sampling(self.params, self.generator)
+        if isinstance(sampling, str):
+            return sampling
+        return FusedHeadSpec(0, self.n_allowed, self.vocab, self.record.tokens, self.record.col, self.record.finished,
+                             self.eos, self.pad, self.suppressed, self.min_new_tokens, self.min_eos_p or None,
+                             **sampling)
+
     def snapshot(self):
         return self.record.snapshot()
 
@@ -712,6 +743,17 @@ class _CoarseHead:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.pick(self.scores(hidden))
+
+    def fused_spec(self) -> FusedHeadSpec | str:
+        """This head as the fused step's head kernels do it (bark.session, decode_mode='fused'), or why not."""
+        if self.window is not None:
+            return "an observer reads every step's scores"
+        if self.noise is not None and self.params.do_sample:
+            return "per-row random streams (row_seeds) have no fused form"
+        sampling = _fused_sampling(self.params, self.generator)
+        if isinstance(sampling, str):
+            return sampling
+        return FusedHeadSpec(self.lo, self.hi, self.vocab, self.record.tokens, self.record.col, **sampling)
 
     def snapshot(self):
         return self.record.snapshot()
@@ -1212,7 +1254,7 @@ def generate_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                                  observer, row_seeds)
         stage = "fine"
         fine = generate_fine(model, coarse, histories, gen, fine_temperature, generator, events, observer,
-                             "eager" if decode_mode == "compile" else decode_mode, row_seeds, recipe)
+                             {"compile": "eager", "fused": "auto"}.get(decode_mode, decode_mode), row_seeds, recipe)
     except RuntimeError as error:
         clear = _non_finite_scores(stage, error)
         if clear is None:

@@ -29,6 +29,7 @@ from . import hub
 from .loading import load_config
 from .model import BarkModel
 from .processor import BarkProcessor, load_voice_preset_npz, validate_voice_preset
+from .session import DECODE_MODES
 
 __all__ = ["EngineOptions", "OptionError", "ModelSource", "Loaded", "resolve_device", "locate_model", "load_voice",
            "check_attention", "set_threads", "load_model", "DEFAULT_REPO", "RANDOM_MODEL", "ATTN_CHOICES",
@@ -40,7 +41,6 @@ DEFAULT_REPO = "suno/bark-small"
 RANDOM_MODEL = "random"
 ATTN_CHOICES = ("auto", "triton", "cuda", "flash_attention_2", "sdpa", "eager")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
-DECODE_MODES = ("auto", "eager", "graph", "compile")  # bark.session.DECODE_MODES (checked again by generate)
 
 
 class OptionError(ValueError):
@@ -59,7 +59,7 @@ class EngineOptions:
     bark-small's shapes, or None (suno/bark-small when it is in the local Hugging Face cache, else the random model);
     ``device``: "cpu", "cuda", "cuda:N" or None (CUDA when available); ``dtype``: one of DTYPE_CHOICES ("auto":
     float16 on CUDA, float32 on CPU); ``attn``: the attention backend (ATTN_CHOICES); ``decode_mode``: how decode
-    steps run ("auto", "eager", "graph", "compile"; bark.session); ``offload``: keep sub-models in CPU memory, each on
+    steps run ("auto", "eager", "graph", "compile", "fused"; bark.session); ``offload``: keep sub-models in CPU memory, each on
     the GPU for its stage only (a no-op without CUDA); ``threads``: torch's CPU threads (None: torch's choice, or 1 on
     a busy machine); ``max_batch``, ``max_wait``, ``max_queue``: the scheduler's limits (bark.engine);
     ``init_seed``: the random model's weights are drawn after ``torch.manual_seed(init_seed)``; ``generate_kwargs``:

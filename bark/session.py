@@ -26,7 +26,16 @@ How a step runs (``mode``):
 * ``"graph"`` (CUDA): each variant is warmed up (every Triton kernel compiled) and captured once as a CUDA graph, then
   replayed: one launch per step;
 * ``"compile"``: the step through ``torch.compile(fullgraph=True)``, and on CUDA captured as a graph after that;
-* ``"auto"``: ``"graph"`` on CUDA, ``"eager"`` elsewhere (measured fastest: see docs/decode.md).
+* ``"fused"``: the step as the fused Triton decode kernels (bark_kernels.backends.triton.decode): the embeddings, five
+  launches per layer (LN 1 + q/k/v projection + cache append; split-K attention with its combine inside; output
+  projection + residual; LN 2 + MLP input projection + GELU; MLP output projection + residual), then the head: for
+  the heads that describe themselves with ``fused_spec()`` (Bark's heads with transformers' recipe: greedy, or
+  sampling with temperature/top-k/top-p by the exponential race) the final LayerNorm + lm-head slice and one kernel
+  for the logits processing, the draw and the bookkeeping (one torch op draws the random numbers when sampling);
+  any other head runs as its own torch ops after the fused layers (logged once). On CUDA captured as one CUDA graph
+  per variant (PDL on sm_90+), on CPU run eagerly under Triton's interpreter (tests);
+* ``"auto"``: ``"graph"`` on CUDA, ``"eager"`` elsewhere (measured fastest: see docs/decode.md; ``fused`` becomes
+  the CUDA default only once a GPU run measures it faster).
 
 The fullgraph compile of a step is also the CPU proof that a step is capturable: it traces only when nothing in it
 branches on device values or syncs with the host.
@@ -40,6 +49,7 @@ import logging
 import types
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
@@ -48,9 +58,9 @@ from bark_kernels import registry
 
 from .kv_cache import KVCache
 
-__all__ = ["DecodeSession", "DECODE_MODES", "resolve_mode", "resolve_decode_attention"]
+__all__ = ["DecodeSession", "DECODE_MODES", "FusedHeadSpec", "resolve_mode", "resolve_decode_attention"]
 
-DECODE_MODES = ("auto", "eager", "graph", "compile")
+DECODE_MODES = ("auto", "eager", "graph", "compile", "fused")
 WARMUP_STEPS = 2  # steps each variant runs before its capture (the heads' records need this much slack)
 
 Head = Callable[[torch.Tensor], torch.Tensor]
@@ -67,7 +77,50 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     if mode == "graph" and device.type != "cuda":
         raise ValueError(f"decode_mode: 'graph' captures CUDA graphs and needs a CUDA device, the model is on "
                          f"{device.type}; use 'eager' or 'compile' (or 'auto')")
+    if mode == "fused":
+        reason = _fused_device_problem(device)
+        if reason is not None:
+            raise ValueError(f"decode_mode: 'fused' runs the fused Triton decode kernels, which cannot run on "
+                             f"{device.type} here ({reason}); use 'auto', 'eager' or 'compile'")
     return mode
+
+
+def _fused_device_problem(device: torch.device) -> str | None:
+    """Why the fused decode kernels cannot run on ``device`` at all (any dtype), or None."""
+    try:
+        from bark_kernels.backends.triton import decode
+    except Exception as exc:  # triton missing or broken
+        return f"{type(exc).__name__}: {exc}"
+    return decode.problem(device, torch.float32, 64)
+
+
+@dataclass(frozen=True, eq=False)
+class FusedHeadSpec:
+    """What the fused step's head kernels need to do exactly what a head callable does (a head's ``fused_spec()``;
+    transformers' recipe only). Token ids lo..hi-1 are scored (the lm-head rows lo..hi-1 on the final-normed hidden),
+    every other id of the ``vocab``-wide score row is -inf. Then: ``suppressed`` (hi - lo,) bool ids -> -inf; with
+    ``eos`` (an absolute id, semantic stage): EOS -> -inf while ``col < min_new_tokens``, only EOS left when its
+    probability exceeds ``min_eos_p``; argmax, or sampling (temperature, top-k (0: off), top-p (1.0: off), then one
+    draw by the exponential race over a (B, vocab) Exp(1) tensor drawn with ``generator``, as torch.multinomial);
+    with ``eos``: rows already ``finished`` give ``pad``, then finished |= token == eos. The token goes to
+    ``record[:, col]`` and ``col`` += 1."""
+
+    lo: int
+    hi: int
+    vocab: int
+    record: torch.Tensor  # (B, W) long
+    col: torch.Tensor  # () long
+    finished: torch.Tensor | None = None  # (B,) bool (with eos)
+    eos: int | None = None
+    pad: int = 0
+    suppressed: torch.Tensor | None = None  # (hi - lo,) bool
+    min_new_tokens: int = 0
+    min_eos_p: float | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
 
 
 def resolve_decode_attention(model, device: torch.device, dtype: torch.dtype) -> tuple[str, Callable]:
@@ -113,6 +166,15 @@ class DecodeSession:
         self.compile_backend = compile_backend
         self.fallback: str | None = None  # why a capture fell back to eager, if it did
         self.steps_run = 0
+        self._fused: _FusedLayers | None = None
+        self.fused_heads: dict[int, str | None] = {}  # fused mode: per variant, why its head runs unfused (None: fused)
+        if self.mode == "fused":
+            from bark_kernels.backends.triton import decode
+
+            reason = decode.problem(self.device, self.dtype, cfg.head_dim)
+            if reason is not None:
+                raise ValueError(f"decode_mode: 'fused' cannot run the {type(model).__name__} in {self.dtype} on "
+                                 f"{self.device.type}: {reason}")
 
     # -- the step ------------------------------------------------------------------------------------------------------
 
@@ -184,6 +246,36 @@ class DecodeSession:
 
         return _own_code(step)
 
+    def _fused_step_fn(self, variant: int) -> Callable[[], None]:
+        """The fused step (mode 'fused'): 1 + 5 per layer launches, then the fused head (2 launches, + 1 torch op
+        drawing the random numbers when sampling) or, for a head without a fused form, the head's own ops."""
+        if self._fused is None:
+            self._fused = _FusedLayers(self.model, self.batch, self.cache)
+        layers, head = self._fused, self.heads[variant]
+        spec = head.fused_spec() if hasattr(head, "fused_spec") else "the head has no fused_spec()"
+        if isinstance(spec, FusedHeadSpec):
+            self.fused_heads[variant] = None
+            pick = _FusedPick(self.model, layers, spec, self.tokens, self.cache.seqlens)
+
+            def step() -> None:
+                layers.run(self.tokens)
+                pick.run(layers.x)
+
+            return _own_code(step)
+        if variant not in self.fused_heads:
+            logger.info("bark: fused decode of the %s: the head of variant %d runs as torch ops after the fused "
+                        "layers (%s)", type(self.model).__name__, variant, spec)
+        self.fused_heads[variant] = spec
+        lnf = self.model.layernorm_final
+
+        def step_unfused_head() -> None:
+            layers.run(self.tokens)
+            hidden = F.layer_norm(layers.x, lnf.normalized_shape, lnf.weight, lnf.bias, lnf.eps)  # (B, C)
+            self.cache.seqlens.add_(1)
+            self.tokens.copy_(head(hidden))
+
+        return _own_code(step_unfused_head)
+
     # -- running -------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -221,7 +313,7 @@ class DecodeSession:
         return self.tokens
 
     def _make_runner(self, variant: int) -> Callable[[], None]:
-        fn = self._step_fn(variant)
+        fn = self._fused_step_fn(variant) if self.mode == "fused" else self._step_fn(variant)
         if self.mode == "eager":
             return fn
         if self.mode == "compile":
@@ -297,6 +389,94 @@ class DecodeSession:
             self._graph_pool = torch.cuda.graph_pool_handle()
         return _capture_graph(fn, self.device, self._graph_pool, lambda: self.cache.set_lengths([0] * self.batch),
                               [g for g in self.generators if g.device.type == "cuda"])
+
+
+class _FusedLayers:
+    """The fused step's embeddings and layers on static buffers: ``run(tokens)`` leaves the last layer's residual
+    stream in ``x`` (B, C), every layer's key/value appended to the cache at each row's length (lengths unchanged)."""
+
+    def __init__(self, model, batch: int, cache: KVCache) -> None:
+        from bark_kernels.backends.triton import decode
+
+        self.ops = decode
+        cfg = model.config
+        weight = model.lm_head.weight
+        dev, dtype, width = weight.device, weight.dtype, cfg.hidden_size
+        self.model, self.cache = model, cache
+        self.x = torch.zeros(batch, width, dtype=dtype, device=dev)  # (B, C) residual stream
+        self.q = torch.zeros(batch, width, dtype=dtype, device=dev)  # (B, H * D)
+        self.attn = torch.zeros(batch, width, dtype=dtype, device=dev)  # (B, H * D)
+        self.h = torch.zeros(batch, model.layers[0].mlp.in_proj.weight.shape[0], dtype=dtype, device=dev)  # (B, 4C)
+        self.nheads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.softmax_scale = cfg.head_dim ** -0.5
+        self.k_layers = [cache.k[i] for i in range(cfg.num_layers)]  # (B, S_max, H, D) views
+        self.v_layers = [cache.v[i] for i in range(cfg.num_layers)]
+        self.set_num_splits(decode.attention_splits(batch, cfg.num_heads, cache.max_seqlen, cfg.head_dim, dev))
+
+        def detached(p):
+            return None if p is None else p.detach()
+
+        self.layers = [tuple(detached(p) for p in (
+            b.layernorm_1.weight, b.layernorm_1.bias, b.attn.att_proj.weight, b.attn.att_proj.bias,
+            b.attn.out_proj.weight, b.attn.out_proj.bias, b.layernorm_2.weight, b.layernorm_2.bias,
+            b.mlp.in_proj.weight, b.mlp.in_proj.bias, b.mlp.out_proj.weight, b.mlp.out_proj.bias))
+            + (b.layernorm_1.eps, b.layernorm_2.eps) for b in model.layers]
+        self.wte = model.input_embeds_layer.weight.detach()
+        self.wpe = model.position_embeds_layer.weight.detach()
+
+    def set_num_splits(self, num_splits: int) -> None:
+        """How many programs share each (row, head)'s keys in the attention kernel (set from the shapes; tests)."""
+        rows = self.x.shape[0] * self.nheads
+        dev = self.x.device
+        self.acc_ws = torch.zeros(num_splits, rows, self.ops.head_dim_pad(self.head_dim), dtype=torch.float32,
+                                  device=dev)  # (S, B * H, D_PAD)
+        self.m_ws = torch.zeros(num_splits, rows, dtype=torch.float32, device=dev)  # (S, B * H)
+        self.l_ws = torch.zeros(num_splits, rows, dtype=torch.float32, device=dev)
+        self.counter = torch.zeros(rows, dtype=torch.int32, device=dev)  # (B * H,) zero between launches
+
+    def run(self, tokens: torch.Tensor) -> None:
+        ops, x, q, attn, h, seqlens = self.ops, self.x, self.q, self.attn, self.h, self.cache.seqlens
+        ops.fused_embed(tokens, seqlens, self.wte, self.wpe, x)
+        for i, (ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b, eps1, eps2) \
+                in enumerate(self.layers):
+            k_cache, v_cache = self.k_layers[i], self.v_layers[i]
+            ops.fused_ln_qkv(x, ln1_w, ln1_b, qkv_w, qkv_b, seqlens, q, k_cache, v_cache, eps1)
+            ops.fused_attention(q, k_cache, v_cache, seqlens, attn, self.acc_ws, self.m_ws, self.l_ws, self.counter,
+                                self.softmax_scale)
+            ops.fused_linear_residual(attn, o_w, o_b, x)
+            ops.fused_ln_linear(x, ln2_w, ln2_b, fc1_w, fc1_b, h, eps2, True)
+            ops.fused_linear_residual(h, fc2_w, fc2_b, x)
+
+
+class _FusedPick:
+    """The fused head of one variant: final LayerNorm + lm-head rows lo..hi-1 (float32 logits), then the pick kernel
+    (logits processing, argmax or the exponential race, record, finished mask, lengths + 1, col + 1)."""
+
+    def __init__(self, model, layers: _FusedLayers, spec: FusedHeadSpec, tokens: torch.Tensor,
+                 seqlens: torch.Tensor) -> None:
+        self.ops, self.spec, self.tokens, self.seqlens = layers.ops, spec, tokens, seqlens
+        batch, dev = tokens.shape[0], tokens.device
+        lnf = model.layernorm_final
+        self.lnf_w = lnf.weight.detach()
+        self.lnf_b = None if lnf.bias is None else lnf.bias.detach()
+        self.eps = lnf.eps
+        self.w = model.lm_head.weight.detach()[spec.lo:spec.hi]  # (n, C) view
+        self.logits = torch.zeros(batch, spec.hi - spec.lo, dtype=torch.float32, device=dev)  # (B, n)
+        self.exp_q = torch.zeros(batch, spec.vocab, dtype=torch.float32, device=dev) if spec.do_sample else None
+        self.finished = spec.finished if spec.finished is not None else torch.zeros(batch, dtype=torch.bool,
+                                                                                     device=dev)
+        self.counter = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.eos = -1 if spec.eos is None else spec.eos - spec.lo
+        self.min_eos_p = float(spec.min_eos_p or 0.0)
+
+    def run(self, x: torch.Tensor) -> None:
+        spec = self.spec
+        if self.exp_q is not None:  # the random numbers torch.multinomial would draw for a (B, vocab) row
+            self.exp_q.exponential_(1, generator=spec.generator)
+        self.ops.fused_ln_linear(x, self.lnf_w, self.lnf_b, self.w, None, self.logits, self.eps, False)
+        self.ops.fused_pick(self.logits, self.exp_q, spec.suppressed, self.finished, spec.record, spec.col,
+                            self.tokens, self.seqlens, self.counter, spec.lo, self.eos, spec.pad, spec.min_new_tokens,
+                            self.min_eos_p, spec.do_sample, spec.temperature, spec.top_k, spec.top_p)
 
 
 def _own_code(fn: Callable) -> Callable:

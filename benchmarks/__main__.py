@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="gpu: full suite on the CUDA device; cpu: labelled subsets on the CPU; auto: gpu if any")
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test shapes (the figures are not Bark's)")
     parser.add_argument("--skip-e2e", action="store_true", help="kernels only")
+    parser.add_argument("--skip-kernels", action="store_true", help="end to end only (the GPU command runs it first)")
     parser.add_argument("--budget", type=float, default=None, help="total wall-clock budget in seconds")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads for the whole run (default: torch's default)")
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         suffix = ("-quick" if args.quick else "") + (f"-{args.threads}t" if args.threads else "")
         args.out = str(Path(__file__).resolve().parent / "results" / f"{date}-{report.short_device(env)}{suffix}")
     payload = run(args.out, mode=args.mode, quick=args.quick, skip_e2e=args.skip_e2e, budget_seconds=args.budget,
-                  threads=args.threads)
+                  threads=args.threads, skip_kernels=args.skip_kernels)
     ok = sum(1 for r in payload["kernels"] if r["status"] == "ok")
     print(f"benchmarks: {ok} kernel measurements, e2e {payload['e2e']['status']}, "
           f"{payload['wall_seconds']:.0f} s; wrote {args.out}/results.json, results.md, {', '.join(payload['plots'])}")

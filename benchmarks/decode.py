@@ -270,6 +270,7 @@ register_mode("graph", _graph)
 register_mode("session-eager", _session("eager"))
 register_mode("session-graph", _session("graph"))
 register_mode("session-compile", _session("compile"))
+register_mode("session-fused", _session("fused"))  # the fused Triton step (5 launches per layer), captured on CUDA
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -391,7 +392,7 @@ def run(out_dir: str | Path, quick: bool = False, budget_seconds: float = 120.0,
     models = models or (["tiny"] if quick else ["bark-small", "bark"])
     batches = batches or ([1, 2] if quick else ([1, 8, 32, 64] if device.type == "cuda" else [1, 8]))
     stages = stages or (["semantic"] if quick else ["semantic", "coarse"])
-    modes = modes or (["eager", "session-eager", "graph", "session-graph", "session-compile"]
+    modes = modes or (["eager", "session-eager", "graph", "session-graph", "session-fused", "session-compile"]
                       if device.type == "cuda" else ["eager", "session-eager"])
     steps = 8 if quick else (64 if device.type == "cuda" else 16)
     reps = 3 if quick else (10 if device.type == "cuda" else 7)

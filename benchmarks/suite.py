@@ -46,7 +46,7 @@ def _progress(items, desc):
 
 
 def run(out_dir: str | Path, mode: str = "auto", quick: bool = False, skip_e2e: bool = False,
-        budget_seconds: float | None = None, threads: int | None = None) -> dict:
+        budget_seconds: float | None = None, threads: int | None = None, skip_kernels: bool = False) -> dict:
     """Run the suite and write ``out_dir``/results.json, results.md and the PNG plots; returns the payload.
 
     ``threads``: torch intra-op threads for the whole run (every provider and both e2e implementations alike);
@@ -99,7 +99,7 @@ def run(out_dir: str | Path, mode: str = "auto", quick: bool = False, skip_e2e: 
     # 2. kernels
     kernel_budget = kernels.Budget(min(kernel_s, total_budget.left()))
     t0 = time.monotonic()
-    records = kernels.run_kernels(device, plan, timer, kernel_budget, progress=_progress)
+    records = [] if skip_kernels else kernels.run_kernels(device, plan, timer, kernel_budget, progress=_progress)
     for rec in records:
         bw = rec["figures"].get("bandwidth")
         if bw is not None and copy_bw and rec["section"] == "decode":

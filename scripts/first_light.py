@@ -1,29 +1,34 @@
-"""GPU first light: one command that proves and measures, in order of value, what a short GPU slot can.
+"""GPU first light, version 2: one command that answers, in order of what is still unknown, what a short GPU slot can.
 
     python3 scripts/first_light.py --out "$OUT"                     # on the GPU machine: <= 9 minutes by default
-    python3 scripts/first_light.py --cpu --out /tmp/fl --budget 150  # the CPU rehearsal (CI runs it)
+    python3 scripts/first_light.py --cpu --out /tmp/fl --budget 240  # the CPU rehearsal (CI runs it)
 
-Steps, in order; each runs as a subprocess under its own deadline, taken from one global budget (``--budget``), and
-each step's result lands in the output folder as soon as it finishes:
+Steps, in order (the headline first, so that a run cut short still answers it); each runs as a subprocess under its
+own deadline, taken from one global budget (``--budget``), and each step's result lands in the output folder as soon
+as it finishes:
 
   env       machine facts and the two ceilings measured here (device copy GB/s, bf16 matmul TFLOP/s)
-  build     ``pip install --no-build-isolation --no-deps -e .`` with bark_kernels._C for sm_90 only, parallel nvcc;
-            then the import of _C is proved (CPU: ``pip wheel`` of the project, the same setup.py path)
+  build     skipped when a bark_kernels._C built ahead (on a CPU machine, for this exact stack) is in the working tree
+            and loads with its ops registered; else ``pip install --no-build-isolation --no-deps -e .`` with _C for
+            sm_90 only, parallel nvcc, and the import of _C proved (CPU: ``pip wheel`` of the project)
+  decode    decode-step benchmark (benchmarks/decode.py): eager, graph, session-graph, session-fused (the fused Triton
+            step, 5 launches per layer), session-compile; bark-small and bark, batch 1 and 8: µs/step, x floor, tokens
+  e2e       end to end vs transformers (``python -m benchmarks --skip-kernels``): seconds per clip, real-time factor
+  tests     the GPU-only tests first (``-m gpu``: session replay = eager for every backend, the fused kernels, the CUDA
+            backend), then the rest of the suite (``-m "not gpu"``) on the time left; one JUnit XML; the run fails if a
+            backend that should be there (triton and cuda on a GPU) is not; a test that kills its worker is rerun
+            alone under cuda-gdb
+  kernels   kernel timings vs SDPA's kernels at Bark's shapes (``python -m benchmarks --skip-e2e``)
   check     ``bark-kernels check`` on every device (CPU: ``--interpret``)
-  tests     the test suite, ``-v -rs``, JUnit XML, pytest-xdist and pytest-timeout when present; the run fails if a
-            backend that should be there (triton and cuda on a GPU) is not
-  decode    decode-step benchmark (benchmarks/decode.py): µs/step, GB/s, x floor, eager vs captured modes
-  bench     kernel timings vs SDPA's kernels and end to end vs transformers (``python -m benchmarks``)
   sanitize  compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) and racecheck over
-            scripts/sanitize_cases.py (Triton and CUDA kernels); CPU: the same cases without the sanitizer
+            scripts/sanitize_cases.py (Triton, the fused decode kernels and CUDA); CPU: the cases without the sanitizer
   longform  long-form benchmark (benchmarks/longform.py): a ~2,000-character paragraph, batched vs one piece at a
             time (bark-small fp16), and the peak GPU memory with and without offload; last, on what time is left
-            (its JSON and table go into logs.tar.gz, its figures into steps.json and summary.md)
 
 At most 8 files land in the output folder: summary.md (every failure first, then every figure), steps.json,
-junit.xml, decode.json, results.json, results.md, sanitize.log and logs.tar.gz (every step's full log, plots, the
-environment). A step cut by its deadline is interrupted (SIGINT, so pytest still writes its JUnit XML), then
-terminated; the summary says so and the later steps still run with the time that is left.
+junit.xml, decode.json, results.json, results.md (end to end and kernels), sanitize.log and logs.tar.gz (every
+step's full log, plots, the environment). A step cut by its deadline is interrupted (SIGINT, so pytest still writes
+its JUnit XML), then terminated; the summary says so and the later steps still run with the time that is left.
 """
 
 from __future__ import annotations
@@ -45,11 +50,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STEP_NAMES = ["env", "build", "check", "tests", "decode", "bench", "sanitize", "longform"]
+STEP_NAMES = ["env", "build", "decode", "e2e", "tests", "kernels", "check", "sanitize", "longform"]
 # Share of the GPU budget each step may take at most (and the least it needs to be worth starting), seconds at the
 # default 540 s budget; scaled with --budget. Unused time flows to the later steps.
-CAPS = {"env": (30, 5), "build": (150, 20), "check": (90, 10), "tests": (210, 20), "decode": (90, 15),
-        "bench": (150, 20), "sanitize": (150, 20), "longform": (90, 30)}
+CAPS = {"env": (30, 5), "build": (150, 20), "decode": (150, 15), "e2e": (120, 20), "tests": (210, 20),
+        "kernels": (90, 20), "check": (60, 10), "sanitize": (150, 20), "longform": (90, 30)}
+# the decode step on a GPU: the modes and cases the headline needs (benchmarks/decode.py)
+GPU_DECODE_ARGS = ["--models", "bark-small,bark", "--batches", "1,8",
+                   "--modes", "eager,graph,session-graph,session-fused,session-compile"]
+CPU_DECODE_ARGS = ["--quick", "--batches", "1", "--modes", "session-eager,session-fused"]
+# the GPU-relevant test files, first within the GPU-only phase
+GPU_TEST_FILES = ["tests/test_session.py", "tests/test_fused_decode.py", "tests/test_triton_backend.py",
+                  "tests/test_cuda_backend.py", "tests/test_kvcache.py", "tests/test_attention.py"]
 OVERRIDES: dict[str, float] = {}  # --caps
 DEFAULT_BUDGET = 540.0
 SUMMARY_RESERVE = 6.0  # seconds kept for the last summary and the tarball
@@ -233,9 +245,27 @@ def step_env(s: Session, deadline: float) -> StepResult:
     return r
 
 
+BUILD_PROBE = ("import bark_kernels, bark_kernels._C as C; from bark_kernels import registry; "
+               "print('_C', C.__file__); print('cuda backend:', registry.availability('cuda') or 'available')")
+
+
+def _prebuilt_c() -> list[Path]:
+    return sorted((ROOT / "bark_kernels").glob("_C*.so"))
+
+
 def step_build(s: Session, deadline: float) -> StepResult:
     r = s.results["build"]
     env = dict(s.env)
+    prebuilt = _prebuilt_c()
+    if prebuilt and not s.cpu:  # built ahead for this exact stack: use it when it loads and registers its ops
+        r.command = f"{s.python} -c <import bark_kernels._C> (prebuilt {prebuilt[0].name})"
+        rc, timed_out, out = s.run("build", [s.python, "-c", BUILD_PROBE], "build.log", min(60.0, deadline))
+        if rc == 0 and "cuda backend: available" in out:
+            r.rc, r.status = rc, "ok"
+            r.figures["build_seconds"] = 0.0
+            r.note = f"build skipped: the prebuilt {prebuilt[0].name} loads\n" + _tail(out, 4)
+            return r
+        r.figures["prebuilt_rejected"] = _tail(out, 4)  # then build it here
     if s.cpu:
         wheel_dir = s.work / "wheel"
         argv = [s.python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
@@ -261,10 +291,8 @@ def step_build(s: Session, deadline: float) -> StepResult:
         r.note = f"wheel: {wheels[0].name}" if wheels else "pip wheel produced no bark_kernels wheel"
         shutil.rmtree(s.work / "wheel", ignore_errors=True)
         return r
-    probe = ("import bark_kernels, bark_kernels._C as C; from bark_kernels import registry; "
-             "print('_C', C.__file__); print('cuda backend:', registry.availability('cuda') or 'available')")
     left = max(5.0, deadline - (time.monotonic() - t0))
-    rc2, timed_out2, out2 = s.run("build", [s.python, "-c", probe], "build.log", left)
+    rc2, timed_out2, out2 = s.run("build", [s.python, "-c", BUILD_PROBE], "build.log", left)
     ok = rc2 == 0 and "cuda backend: available" in out2
     r.status = "ok" if ok else "failed"
     r.note = _tail(out2, 6)
@@ -301,25 +329,38 @@ def step_tests(s: Session, deadline: float, selection: list[str] | None) -> Step
              f"{expect!r} if registry.availability(n) is not None}}; print('missing backends:', missing); "
              "sys.exit(1 if missing else 0)")
     rc0, _, out0 = s.run("tests", [s.python, "-c", probe], "tests.log", min(30.0, deadline))
-    argv = [s.python, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}",
-            "-o", "junit_family=xunit1"]
+    base = [s.python, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", "-o", "junit_family=xunit1"]
     if _has_module(s.python, "xdist", s.env):
         workers = 2 if s.cpu else min(12, max(2, (os.cpu_count() or 4) - 2))
-        argv += ["-n", str(workers)]
+        base += ["-n", str(workers)]
     if _has_module(s.python, "pytest_timeout", s.env):
-        argv += ["--timeout", "150"]
-    if selection:
-        argv += selection
-    else:  # the GPU-relevant files first, then the rest of the suite (pytest drops the duplicates)
-        argv += ["tests/test_session.py", "tests/test_triton_backend.py", "tests/test_cuda_backend.py",
-                 "tests/test_kvcache.py",
-                 "tests/test_attention.py", "tests/test_varlen.py", "tests/test_model.py", "tests/test_generation.py",
-                 "tests"]
-    r.command = " ".join(argv)
+        base += ["--timeout", "150"]
+    files = selection if selection else GPU_TEST_FILES + ["tests"]  # pytest drops the duplicates
+    rest = selection if selection else ["tests"]
+    phases = [("gpu", ["-m", "gpu"] + files), ("rest", ["-m", "not gpu"] + rest)]
+    t_end = time.monotonic() + max(5.0, deadline - 2)
     spent = time.monotonic()
-    rc, timed_out, out = s.run("tests", argv, "tests.log", max(5.0, deadline - 2))
+    parts, commands, rc, timed_out, out = [], [], 0, False, ""
+    for phase, args in phases:
+        left = t_end - time.monotonic()
+        if left < 5:
+            timed_out = True
+            break
+        xml = s.work / f"junit-{phase}.xml"
+        argv = base + [f"--junitxml={xml}"] + args
+        commands.append(" ".join(argv))
+        rc_p, to_p, out_p = s.run("tests", argv, "tests.log", left)
+        out += out_p
+        parts.append(xml)
+        rc = rc if rc_p == 5 else max(rc, rc_p or 0) if rc_p is not None else 1  # 5: the phase selected nothing
+        timed_out = timed_out or to_p
+        r.figures[f"{phase}_phase"] = {k: v for k, v in junit_counts(xml).items() if k != "failed_names"}
+        if to_p:
+            break
+    _merge_junit(parts, junit)
+    r.command = " && ".join(commands)
     r.rc = rc
-    r.figures = junit_counts(junit)
+    r.figures.update(junit_counts(junit))
     r.figures["pytest_seconds"] = round(time.monotonic() - spent, 1)
     failed = r.figures.pop("failed_names", [])
     notes = []
@@ -340,6 +381,22 @@ def step_tests(s: Session, deadline: float, selection: list[str] | None) -> Step
         notes.append(_diagnose_crash(s, crashed[0]))
     r.note = "\n".join(notes)
     return r
+
+
+def _merge_junit(parts: list[Path], out: Path) -> None:
+    """One JUnit XML from the phases' files (their test suites side by side); nothing when no phase wrote one."""
+    root = ET.Element("testsuites", name="pytest tests")
+    for path in parts:
+        if not path.exists():
+            continue
+        try:
+            tree = ET.parse(path).getroot()
+        except ET.ParseError:
+            continue
+        for suite in ([tree] if tree.tag == "testsuite" else list(tree.iter("testsuite"))):
+            root.append(suite)
+    if len(root):
+        ET.ElementTree(root).write(out, encoding="utf-8", xml_declaration=True)
 
 
 def _diagnose_crash(s: Session, failed_name: str) -> str:
@@ -390,8 +447,7 @@ def step_decode(s: Session, deadline: float) -> StepResult:
     r = s.results["decode"]
     internal = max(5.0, deadline - 15)
     argv = [s.python, "-m", "benchmarks.decode", "--out", str(s.out), "--budget", f"{internal:.0f}"]
-    if s.cpu:
-        argv += ["--quick"]
+    argv += CPU_DECODE_ARGS if s.cpu else GPU_DECODE_ARGS
     r.command = " ".join(argv)
     rc, timed_out, out = s.run("decode", argv, "decode.log", deadline)
     r.rc = rc
@@ -411,34 +467,67 @@ def step_decode(s: Session, deadline: float) -> StepResult:
     return r
 
 
-def step_bench(s: Session, deadline: float) -> StepResult:
-    r = s.results["bench"]
-    bench_dir = s.work / "bench"
+def _bench_run(s: Session, name: str, deadline: float, skip: str) -> tuple[int | None, bool, str, dict]:
+    """``python -m benchmarks`` with ``skip`` ("--skip-kernels" or "--skip-e2e") into work/NAME; its payload."""
+    bench_dir = s.work / name
     internal = max(5.0, deadline - 20)
     argv = [s.python, "-m", "benchmarks", "--out", str(bench_dir), "--budget", f"{internal:.0f}",
-            "--mode", "cpu" if s.cpu else "gpu"] + (["--quick", "--threads", "1"] if s.cpu else [])
-    r.command = " ".join(argv)
-    rc, timed_out, out = s.run("bench", argv, "bench.log", deadline)
+            "--mode", "cpu" if s.cpu else "gpu", skip] + (["--quick", "--threads", "1"] if s.cpu else [])
+    s.results[name].command = " ".join(argv)
+    rc, timed_out, out = s.run(name, argv, f"{name}.log", deadline)
+    path = bench_dir / "results.json"
+    payload = json.loads(path.read_text()) if path.exists() else {}
+    _write_results(s)
+    return rc, timed_out, out, payload
+
+
+def _write_results(s: Session) -> None:
+    """results.json / results.md of the output folder: the kernels' payload with the end-to-end runs in it, and the
+    two steps' tables one after the other (whichever of the two has run)."""
+    payloads, tables = {}, []
+    for name in ("e2e", "kernels"):
+        d = s.work / name
+        if (d / "results.json").exists():
+            payloads[name] = json.loads((d / "results.json").read_text())
+        if (d / "results.md").exists():
+            tables.append((d / "results.md").read_text())
+    if not payloads:
+        return
+    merged = dict(payloads.get("kernels") or payloads["e2e"])
+    if "e2e" in payloads:
+        merged["e2e"] = payloads["e2e"].get("e2e", {})
+    (s.out / "results.json").write_text(json.dumps(merged, indent=1, default=str) + "\n")
+    (s.out / "results.md").write_text("\n\n".join(tables))
+
+
+def step_e2e(s: Session, deadline: float) -> StepResult:
+    r = s.results["e2e"]
+    rc, timed_out, out, payload = _bench_run(s, "e2e", deadline, "--skip-kernels")
     r.rc = rc
-    for name in ("results.json", "results.md"):
-        if (bench_dir / name).exists():
-            shutil.copy(bench_dir / name, s.out / name)
-    path = s.out / "results.json"
-    if path.exists():
-        payload = json.loads(path.read_text())
-        kernels = payload.get("kernels", [])
-        r.figures["kernel_records"] = {st: sum(1 for k in kernels if k.get("status") == st)
-                                       for st in ("ok", "failed", "skipped")}
-        r.figures["kernel_failures"] = [f"{k['case']} / {k['provider']}: {k.get('reason', '')[:160]}"
-                                        for k in kernels if k.get("status") == "failed"]
-        r.figures["kernels"] = _kernel_digest(kernels)
-        e2e = payload.get("e2e", {})
-        r.figures["e2e_status"] = e2e.get("status")
-        r.figures["e2e"] = [_e2e_digest(run) for run in e2e.get("runs", [])]
-        if payload.get("partial"):
-            r.figures["partial"] = payload["partial"]
-    failures = r.figures.get("kernel_failures", [])
-    r.status = "timeout" if timed_out else ("ok" if rc == 0 and path.exists() and not failures else "failed")
+    e2e = payload.get("e2e", {})
+    r.figures["e2e_status"] = e2e.get("status")
+    r.figures["e2e"] = [_e2e_digest(run) for run in e2e.get("runs", [])]
+    bad = [x for x in r.figures["e2e"] if x["status"] not in ("ok", "skipped")]
+    r.status = "timeout" if timed_out else ("ok" if rc == 0 and payload and not bad else "failed")
+    if r.status != "ok":
+        r.note = "".join(f"{x['model']} {x['impl']} b{x['batch']}: {x['reason']}\n" for x in bad[:8]) + _tail(out, 12)
+    return r
+
+
+def step_kernels(s: Session, deadline: float) -> StepResult:
+    r = s.results["kernels"]
+    rc, timed_out, out, payload = _bench_run(s, "kernels", deadline, "--skip-e2e")
+    r.rc = rc
+    kernels = payload.get("kernels", [])
+    r.figures["kernel_records"] = {st: sum(1 for k in kernels if k.get("status") == st)
+                                   for st in ("ok", "failed", "skipped")}
+    failures = [f"{k['case']} / {k['provider']}: {k.get('reason', '')[:160]}" for k in kernels
+                if k.get("status") == "failed"]
+    r.figures["kernel_failures"] = failures
+    r.figures["kernels"] = _kernel_digest(kernels)
+    if payload.get("partial"):
+        r.figures["partial"] = payload["partial"]
+    r.status = "timeout" if timed_out else ("ok" if rc == 0 and payload and not failures else "failed")
     if r.status != "ok":
         r.note = ("\n".join(failures[:15]) + "\n" if failures else "") + _tail(out, 12)
     return r
@@ -592,7 +681,11 @@ def summary_markdown(s: Session) -> str:
     t = s.results["tests"].figures
     if t:
         lines.append(f"Tests: {t.get('passed')} passed, {t.get('failures')} failed, {t.get('errors')} errors, "
-                     f"{t.get('skipped')} skipped of {t.get('tests')} ({t.get('pytest_seconds')} s).")
+                     f"{t.get('skipped')} skipped of {t.get('tests')} ({t.get('pytest_seconds')} s; GPU-only phase "
+                     f"first: {t.get('gpu_phase', {}).get('passed', '—')} passed, then the rest: "
+                     f"{t.get('rest_phase', {}).get('passed', '—')} passed).")
+    if b.get("prebuilt_rejected"):
+        lines.append(f"Prebuilt _C rejected (built here instead): {b['prebuilt_rejected']}")
     lines.append("")
     d = s.results["decode"].figures
     if d.get("records"):
@@ -612,7 +705,7 @@ def summary_markdown(s: Session) -> str:
         for sk in d.get("skipped", []):
             lines.append(f"| {sk['model']} | {sk['batch']} | skipped: {sk['reason'][:150]} | | | | | | | | |")
         lines.append("")
-    k = s.results["bench"].figures
+    k = s.results["kernels"].figures
     if k.get("kernels"):
         lines += ["### Kernels (speed-up: reference provider's median / this one's)", "",
                   "| section | case | provider | median ms | TFLOP/s | GB/s | speed-up |", "|---|---|---|---|---|---|---|"]
@@ -620,8 +713,9 @@ def summary_markdown(s: Session) -> str:
             lines.append(f"| {x['section']} | {x['case']} | {x['provider']} | {_num(x['median_ms'], 4)} | "
                          f"{_num(x['tflops'])} | {_num(x['gbps'], 0)} | {_num(x['speedup'])} |")
         lines.append("")
+    k = s.results["e2e"].figures
     if k.get("e2e"):
-        lines += [f"### End to end ({k.get('e2e_status')}{'; ' + k['partial'] if k.get('partial') else ''})", "",
+        lines += [f"### End to end ({k.get('e2e_status')})", "",
                   "| model | impl | batch | dtype | attention | status | total s | s per 10 s audio | speed-up vs "
                   "transformers | same semantic tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
         for x in k["e2e"]:
@@ -691,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests", default=None, help="space-separated pytest selection (default: the whole suite; "
                                                       "CPU rehearsal: a small named one)")
     parser.add_argument("--caps", default="", help="per-step deadlines in seconds overriding the defaults, e.g. "
-                                                   "'tests=120,bench=60' (still bounded by the global budget)")
+                                                   "'tests=120,kernels=60' (still bounded by the global budget)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter that runs every step")
     args = parser.parse_args(argv)
     if not args.out:
@@ -722,8 +816,8 @@ def main(argv: list[str] | None = None) -> int:
         ["tests/test_padding.py", "tests/test_kvcache.py", "-k", "not slow and (round_trip or decode)"]
         if args.cpu else None)
     runners = {"env": step_env, "build": step_build, "check": step_check,
-               "tests": lambda s_, d: step_tests(s_, d, selection), "decode": step_decode, "bench": step_bench,
-               "sanitize": step_sanitize, "longform": step_longform}
+               "tests": lambda s_, d: step_tests(s_, d, selection), "decode": step_decode, "e2e": step_e2e,
+               "kernels": step_kernels, "sanitize": step_sanitize, "longform": step_longform}
     for name in STEP_NAMES:
         r = s.results[name]
         if name not in steps:

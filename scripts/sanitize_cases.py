@@ -102,6 +102,50 @@ def main(argv: list[str] | None = None) -> int:
     case("attention_with_kvcache Sq=5 append, lengths 0 / 251, S_max 256")(
         kvcache_case(2, 256, [0, 251], 2, 64, sq=5))
 
+    @case("fused decode kernels (triton only): split-K attention with the in-launch combine, LN+q/k/v append, pick")
+    def _(backend, dtype):
+        if backend != "triton":  # the fused decode step is Triton's (bark_kernels.backends.triton.decode)
+            return
+        from bark_kernels.backends.triton import decode
+
+        batch, heads, dim, s_max = 3, 4, 64, 1024
+        width = heads * dim
+        lens = torch.tensor([0, 1022, 700], dtype=torch.int32, device=device)  # the new key sits at position lens[b]
+        k_cache, v_cache = rand(batch, s_max, heads, dim, dtype=dtype), rand(batch, s_max, heads, dim, dtype=dtype)
+        q = rand(batch, width, dtype=dtype)
+        q4 = q.view(batch, 1, heads, dim)
+        ref, _, _ = testing.reference_attention_with_kvcache(q4, k_cache, v_cache, None, None, lens + 1)
+        base = bk.attention_with_kvcache(q4, k_cache, v_cache, None, None, cache_seqlens=lens + 1, backend="eager")
+        for splits in (1, 5):
+            rows = batch * heads
+            out = torch.zeros(batch, width, dtype=dtype, device=device)
+            counter = torch.zeros(rows, dtype=torch.int32, device=device)
+            decode.fused_attention(q, k_cache, v_cache, lens, out,
+                                   torch.zeros(splits, rows, decode.head_dim_pad(dim), device=device),
+                                   torch.zeros(splits, rows, device=device), torch.zeros(splits, rows, device=device),
+                                   counter, dim ** -0.5)
+            testing.assert_close_to_reference(out.view(batch, 1, heads, dim), ref, base, dtype)
+            if int(counter.abs().sum()) != 0:
+                raise AssertionError("an attention counter was not reset by its combining program")
+        x, lnw, w = rand(batch, width, dtype=dtype), rand(width, dtype=dtype), rand(3 * width, width, dtype=dtype)
+        qo = torch.zeros(batch, width, dtype=dtype, device=device)
+        before = k_cache.clone()
+        decode.fused_ln_qkv(x, lnw, None, w, None, lens, qo, k_cache, v_cache, 1e-5)
+        changed = (k_cache != before).any(dim=(2, 3)).nonzero().tolist()  # (row, position) pairs written
+        if sorted(changed) != [[b, int(n)] for b, n in enumerate(lens.tolist())]:
+            raise AssertionError(f"the q/k/v kernel wrote cache positions {changed}, expected each row's length")
+        logits = rand(batch, 1072, dtype=torch.float32)
+        record = torch.zeros(batch, 4, dtype=torch.long, device=device)
+        col, tokens = torch.zeros((), dtype=torch.long, device=device), torch.zeros(batch, dtype=torch.long,
+                                                                                    device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        seq = lens.clone()
+        decode.fused_pick(logits, None, None, finished, record, col, tokens, seq,
+                          torch.zeros(1, dtype=torch.int32, device=device), 11024, -1, 0, 0, 0.0, False, 1.0, 0, 1.0)
+        if not (torch.equal(tokens, logits.argmax(-1) + 11024) and torch.equal(record[:, 0], tokens)
+                and int(col) == 1 and torch.equal(seq, lens + 1)):
+            raise AssertionError("pick: the greedy token, the record, col or the lengths are wrong")
+
     @case("unpad_input / pad_input round trip, left padding")
     def _(backend, dtype):
         hidden = rand(3, 9, 2, 64, dtype=dtype)

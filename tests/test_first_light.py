@@ -77,9 +77,73 @@ def test_junit_counts_reads_failures_and_skips(tmp_path):
     assert first_light.junit_counts(tmp_path / "missing.xml") == {}
 
 
+def _first_light():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import first_light
+    finally:
+        sys.path.pop(0)
+    return first_light
+
+
+def test_version_2_measures_the_headline_first():
+    """The order of the GPU command, version 2: env, build, then the decode step (session-fused among the modes,
+    bark-small and bark, batch 1 and 8), end to end, the tests (GPU-only first), kernels, sanitize, long-form."""
+    fl = _first_light()
+    order = fl.STEP_NAMES
+    assert order[:5] == ["env", "build", "decode", "e2e", "tests"] and order[-2:] == ["sanitize", "longform"]
+    assert order.index("kernels") < order.index("sanitize")
+    args = " ".join(fl.GPU_DECODE_ARGS)
+    assert "bark-small,bark" in args and "1,8" in args
+    assert "eager,graph,session-graph,session-fused,session-compile" in args
+    assert "session-fused" in " ".join(fl.CPU_DECODE_ARGS)
+    assert fl.GPU_TEST_FILES[:2] == ["tests/test_session.py", "tests/test_fused_decode.py"]
+
+
+def test_build_is_skipped_when_a_prebuilt_extension_loads(tmp_path, monkeypatch):
+    """A _C built ahead for the exact stack: the build step only proves that it loads (no pip install); one that does
+    not load is rejected (said in the summary) and the extension is built as before."""
+    fl = _first_light()
+    s = fl.Session(tmp_path / "out", 100.0, False, sys.executable)
+    monkeypatch.setattr(fl, "_prebuilt_c", lambda: [Path("bark_kernels/_C.cpython-312-x86_64-linux-gnu.so")])
+    calls = []
+
+    def loads(name, argv, log, deadline, env=None, cwd=None):
+        calls.append(argv)
+        return 0, False, "_C /x/_C.so\ncuda backend: available\n"
+
+    monkeypatch.setattr(s, "run", loads)
+    r = fl.step_build(s, 60.0)
+    assert r.status == "ok" and "build skipped" in r.note and len(calls) == 1 and "pip" not in calls[0]
+    s2 = fl.Session(tmp_path / "out2", 100.0, False, sys.executable)
+    calls.clear()
+
+    def broken(name, argv, log, deadline, env=None, cwd=None):
+        calls.append(argv)
+        return (1, False, "ImportError: undefined symbol") if len(calls) == 1 else (1, False, "pip failed")
+
+    monkeypatch.setattr(s2, "run", broken)
+    r2 = fl.step_build(s2, 60.0)
+    assert "undefined symbol" in r2.figures["prebuilt_rejected"] and r2.status == "failed"
+    assert calls[1][2:4] == ["pip", "install"]
+    assert "Prebuilt _C rejected" in fl.summary_markdown(s2)
+
+
+def test_junit_phases_merge_into_one_file(tmp_path):
+    fl = _first_light()
+    a, b = tmp_path / "a.xml", tmp_path / "b.xml"
+    a.write_text('<testsuites><testsuite name="pytest"><testcase classname="g" name="gpu1"/></testsuite></testsuites>')
+    b.write_text('<testsuite name="pytest"><testcase classname="r" name="x"><failure message="m"/></testcase>'
+                 '</testsuite>')
+    out = tmp_path / "junit.xml"
+    fl._merge_junit([a, b, tmp_path / "missing.xml"], out)
+    counts = fl.junit_counts(out)
+    assert counts["tests"] == 2 and counts["passed"] == 1 and counts["failures"] == 1
+
+
 @pytest.mark.slow
 def test_full_rehearsal_passes(tmp_path):
     """Every step's code path at tiny sizes, under the interpreter (what .ci/run runs)."""
     res = _run(tmp_path, "--budget", "240", timeout=400)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    _check_complete(tmp_path, ["env", "build", "check", "tests", "decode", "bench", "sanitize", "longform"])
+    _check_complete(tmp_path, ["env", "build", "decode", "e2e", "tests", "kernels", "check", "sanitize", "longform"])

@@ -191,7 +191,7 @@ def test_modes_and_their_errors(model):
     assert bark_session.resolve_mode("compile", torch.device("cpu")) == "compile"
     with pytest.raises(ValueError, match="'graph' captures CUDA graphs and needs a CUDA device"):
         bark_session.resolve_mode("graph", torch.device("cpu"))
-    with pytest.raises(ValueError, match=r"decode_mode: expected one of \['auto', 'eager', 'graph', 'compile'\]"):
+    with pytest.raises(ValueError, match=r"decode_mode: expected one of \['auto', 'eager', 'graph', 'compile', 'fused'\]"):
         model.generate(torch.ones(1, 4, dtype=torch.long), decode_mode="fast")
     with pytest.raises(TypeError, match="callback: expected a callable"):
         model.generate(torch.ones(1, 4, dtype=torch.long), callback=3)

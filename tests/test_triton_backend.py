@@ -460,6 +460,9 @@ def _aot_check(quick: bool):
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=2400, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "0 failure(s)" in run.stdout
+    # the fused decode step's kernels, with PDL on for sm_90 (and no register spill: aot_check fails on any)
+    for kernel in ("ln_linear", "linear_residual", "attention", "embed", "pick"):
+        assert f"decode {kernel} " in run.stdout and "pdl=True" in run.stdout, kernel
 
 
 def test_kernels_compile_for_sm90_quick():
