@@ -1011,7 +1011,13 @@ def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict
                 r["buf"][fill: fill + (win - rel), n_coarse:] = w[rel:, n_coarse:]
             continue
         for n_inner in range(n_coarse, n_fine):
-            hidden = fine.hidden_states(n_inner, window)  # (B', win, C)
+            if device.type == "cpu" and len(active) > 1:
+                # a CPU gains nothing from batching this compute-bound pass (a batch's activations leave the cache:
+                # measured slower than row by row, docs/engine.md), and each row is then its very call alone
+                hidden = torch.cat([fine.hidden_states(n_inner, window[i: i + 1])
+                                    for i in range(len(active))])  # (B', win, C)
+            else:
+                hidden = fine.hidden_states(n_inner, window)  # (B', win, C)
             if greedy:
                 logits = fine.lm_logits(n_inner, hidden[:, rel_min:], cb)  # (B', win - rel_min, cb)
                 preds = torch.argmax(logits, dim=-1)

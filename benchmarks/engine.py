@@ -109,7 +109,13 @@ def _voice(model, seed: int) -> dict:
 def run_mode(engine_factory, requests, mode: str) -> dict:
     """One run: every request's tokens, the wall time, the engine's batches, CPU seconds."""
     batches = []
-    engine = engine_factory(batches.append)
+    stages: dict[str, float] = {}  # wall seconds per stage, summed over the run's batches (where the time goes)
+
+    def on_event(info, event):
+        if event.kind == "end":
+            stages[event.stage] = stages.get(event.stage, 0.0) + event.seconds
+
+    engine = engine_factory(batches.append, on_event)
     results: dict[int, list] = {}
     cpu0, t0 = time.process_time(), time.perf_counter()
     if mode == "sequential":
@@ -134,7 +140,8 @@ def run_mode(engine_factory, requests, mode: str) -> dict:
               for i in range(len(requests))]
     speech = sum(p.duration for i in range(len(requests)) for p in results[i])
     return {"mode": mode, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "speech_s": round(speech, 3),
-            "batches": [len(b.rows) for b in batches], "tokens": tokens}
+            "batches": [len(b.rows) for b in batches], "stages_s": {k: round(v, 3) for k, v in stages.items()},
+            "tokens": tokens}
 
 
 def main(argv=None) -> int:
@@ -159,9 +166,9 @@ def main(argv=None) -> int:
     requests = [bark.SpeechRequest(SENTENCES[i % len(SENTENCES)], voice=_voice(model, i), seed=i)
                 for i in range(args.requests)]
 
-    def factory(on_batch):
+    def factory(on_batch, callback):
         return bark.Engine(model, processor, max_batch=args.requests, max_wait=0.05, generate_kwargs=kwargs,
-                           on_batch=on_batch)
+                           on_batch=on_batch, callback=callback)
 
     record = {
         "benchmark": "engine", "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -192,7 +199,8 @@ def main(argv=None) -> int:
             record["runs"].append(run)
             walls[mode] = run["wall_s"]
             print(f"pair {pair} {mode:10s} {run['wall_s']:8.2f} s  cpu {run['cpu_s']:8.2f} s  batches "
-                  f"{run['batches']}  load {load}  same tokens {run['same_tokens_as_first_run']}", flush=True)
+                  f"{run['batches']}  load {load}  same tokens {run['same_tokens_as_first_run']}  stages "
+                  f"{run['stages_s']}", flush=True)
         ratio = walls["sequential"] / walls["concurrent"]
         record["pairs"].append({"pair": pair, "order": order, **walls, "speedup": round(ratio, 3)})
         print(f"pair {pair}: concurrent is {ratio:.2f}x sooner", flush=True)

@@ -87,6 +87,10 @@ def run_ray(rows: Sequence[Mapping], options: Mapping, emit: Callable[[dict], No
             init["num_cpus"] = max(os.cpu_count() or 1, workers * threads)
             # the local actors import the bark that this process imports (a source checkout too)
             init["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+            # Ray starts its workers at nice 15 (below its own daemons): on a machine with few cores the actors then
+            # lose the CPU to the raylet and half their speed (measured: benchmarks/bulk.py). The local cluster this
+            # run starts gives its actors the priority of the run itself, unless the caller set it.
+            os.environ.setdefault("RAY_worker_niceness", "0")
         init["logging_level"] = logging.WARNING
         try:
             ray.init(**init)
