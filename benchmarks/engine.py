@@ -49,6 +49,8 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.report import cpu_model  # noqa: E402
+
 SENTENCES = [
     "The lighthouse keeper woke before dawn.",
     "He climbed the spiral stairs, counting each step.",
@@ -73,17 +75,6 @@ def _load() -> float | None:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def build_model(layers: int, seed: int = 0):
@@ -174,7 +165,7 @@ def main(argv=None) -> int:
         "benchmark": "engine", "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "settings": {**vars(args), "out": str(out), "model": f"random bark-small widths, {args.layers} layers, fp32",
                      "generate_kwargs": kwargs, "max_batch": args.requests},
-        "machine": {"platform": platform.platform(), "processor": _cpu_model(), "cpus": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "processor": cpu_model(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "numpy": np.__version__,
                     "torch_threads": torch.get_num_threads()},

@@ -30,7 +30,8 @@ def _version(module: str) -> str:
     return str(getattr(mod, "__version__", "unknown"))
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -92,7 +93,7 @@ def environment(device: torch.device) -> dict:
     env = OrderedDict()
     env["date_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     env["device_type"] = device.type
-    env["cpu_model"] = _cpu_model()
+    env["cpu_model"] = cpu_model()
     env["cpu_count"] = os.cpu_count()
     env["torch_threads"] = torch.get_num_threads()
     if device.type == "cuda":
