@@ -173,7 +173,7 @@ def _decode_variants(quick: bool, arch: int):
                                              "stride_vb", "stride_vs", "stride_vh", "stride_ob"}
                 yield (f"decode attention {t} D={head_dim} splits={splits} BN={block_n} pdl={pdl}",
                        K._decode_attention_kernel, pointers, ("qk_scale",), consts, divisible,
-                       4 if pad <= 64 else 8, 2, pdl)
+                       O.attention_warps(head_dim, splits, dtype), 2, pdl)
         consts = dict(BLOCK_C=1024, USE_PDL=pdl)
         pointers = {"Tokens": "*i64", "Seqlens": "*i32", "Wte": f"*{t}", "Wpe": f"*{t}", "X": f"*{t}"}
         yield (f"decode embed {t} C=1024 pdl={pdl}", K._embed_kernel, pointers, (), consts,

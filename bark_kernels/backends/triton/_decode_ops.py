@@ -96,6 +96,16 @@ def attention_block_n(head_dim: int) -> int:
     return 64 if head_dim_pad(head_dim) <= 64 else 32
 
 
+def attention_warps(head_dim: int, num_splits: int, dtype: torch.dtype) -> int:
+    """Warps of the decode attention kernel: 4 up to a padded head_dim of 64, else 8; 2 when it splits the keys of a
+    64-wide fp16/bf16 head (with the splits' combine in the same kernel, triton 3.6's ptxas spilled 8 B at 4 warps;
+    fp32 spilled at 2: tools/aot_check.py checks the variants for spills)."""
+    pad = head_dim_pad(head_dim)
+    if num_splits > 1 and pad == 64 and dtype != torch.float32:
+        return 2
+    return 4 if pad <= 64 else 8
+
+
 def attention_splits(batch: int, nheads: int, max_seqlen: int, head_dim: int, device: torch.device) -> int:
     """How many programs share one (row, head)'s keys: host-known shapes only (the attention kernels' heuristic)."""
     return choose_num_splits(batch * nheads, max_seqlen, attention_block_n(head_dim), device)
@@ -223,7 +233,7 @@ def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v_cache.stride(2), out.stride(0),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), NUM_SPLITS=num_splits,
         SPLITS_POW2=triton.next_power_of_2(num_splits), BLOCK_N=block_n, USE_PDL=_use_pdl(q.device),
-        num_warps=4 if head_dim_pad(head_dim) <= 64 else 8, num_stages=2, **_launch_options(q.device),
+        num_warps=attention_warps(head_dim, num_splits, q.dtype), num_stages=2, **_launch_options(q.device),
     )
 
 
