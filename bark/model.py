@@ -12,6 +12,7 @@ import logging
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from bark_kernels.devices import parse_device
 
@@ -97,6 +98,26 @@ class BarkModel(nn.Module):
                         return_output_lengths=return_output_lengths, **kwargs)
 
 
+_INIT_OPS = frozenset((torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_,
+                       nn.init.normal_, nn.init.uniform_, nn.init.zeros_, nn.init.ones_, nn.init.constant_,
+                       nn.init.trunc_normal_, nn.init.kaiming_uniform_, nn.init.kaiming_normal_,
+                       nn.init.xavier_uniform_, nn.init.xavier_normal_))
+
+
+class _SkipMetaInit(TorchFunctionMode):
+    """The modules' initialisers skipped on meta tensors while a model is built for a checkpoint to fill: they have no
+    values to set, and ``normal_`` on a meta tensor runs a Python reference that imports torch._dynamo (1.4 s, the
+    first time in a process: most of a bulk worker's or ``speak``'s model load). A torch function mode is this
+    thread's alone: a model built at the same time in another thread is initialised as usual."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _INIT_OPS:
+            tensor = args[0] if args else (kwargs or {}).get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **(kwargs or {}))
+
+
 def load_bark_model(path_or_repo_id, attn_implementation: str = "auto", dtype=None, device=None,
                     revision: str | None = None, codec=None):
     """Build a ``BarkModel`` from a checkpoint directory or repo id, on ``device`` in ``dtype`` (default fp32).
@@ -111,7 +132,7 @@ def load_bark_model(path_or_repo_id, attn_implementation: str = "auto", dtype=No
         raise TypeError(f"revision: expected a str (a branch, tag or commit of the Hugging Face repo) or None, "
                         f"got {type(revision).__name__}")
     config, tensors, origin = load_checkpoint(path_or_repo_id, revision, codec)
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipMetaInit():
         model = BarkModel(config, attn_implementation=attn_implementation)
     model = model.to_empty(device=target_device)
     model.fine_acoustics.tie_weights() if config.fine_acoustics_config.tie_word_embeddings else None

@@ -190,3 +190,29 @@ def test_repo_id_offline_and_not_cached_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"config\.json is missing from Hugging Face repo suno/bark-small.*"
                                                 r"HF_HUB_OFFLINE.*hf download suno/bark-small"):
         bark.BarkModel.from_pretrained("suno/bark-small")
+
+
+def test_building_for_a_checkpoint_skips_only_meta_initialisers(saved):
+    """load_bark_model builds the modules on the meta device with their initialisers skipped (nothing to set there;
+    torch's meta normal_ would import torch._dynamo, 1.4 s of every process's first load). A module built on a real
+    device under the same mode is initialised as usual, and a fresh process loads a checkpoint without torch._dynamo."""
+    import subprocess
+    import sys
+
+    from bark.model import _SkipMetaInit
+
+    torch.manual_seed(3)
+    expected = torch.nn.Embedding(7, 5).weight.detach().clone()
+    torch.manual_seed(3)
+    with _SkipMetaInit():
+        built = torch.nn.Embedding(7, 5).weight.detach()
+        with torch.device("meta"):
+            skipped = torch.nn.Linear(4, 3)
+    assert torch.equal(built, expected)
+    assert skipped.weight.is_meta and skipped.bias.is_meta
+    path, _ = saved
+    code = ("import sys, bark; m = bark.BarkModel.from_pretrained(sys.argv[1], attn_implementation='sdpa'); "
+            "assert all(not p.is_meta for p in m.parameters()); print('torch._dynamo' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "False"
