@@ -1,7 +1,8 @@
 """Bulk synthesis (bark.bulk, ``bark-kernels batch``) on a tiny random checkpoint: reading and checking tables; bad
 rows recorded as failed while the rest goes on; a bad input in one line before any model loads; every row's audio
-equal to that row spoken alone; resume (skip complete rows, redo edited ones); 2 local worker processes give the same
-files as one; a run SIGKILLed mid-way resumes with no duplicate and no missing id and leaves no half-written file."""
+equal to that row spoken alone; resume (skip complete rows, redo edited ones); 2 local workers (the driver and a
+spawned process, or two spawned processes) give the same files as one, and a worker that cannot start leaves its rows
+to the others; a run SIGKILLed mid-way resumes with no duplicate and no missing id and leaves no half-written file."""
 
 from __future__ import annotations
 
@@ -273,7 +274,57 @@ def test_two_local_workers_give_the_same_files_and_manifest(ckpt, local_run, tmp
     pq = pytest.importorskip("pyarrow.parquet")
     manifest = pq.read_table(os.path.join(tmp_path / "out", "manifest.parquet")).to_pylist()
     assert comparable(manifest) == comparable(first.entries)
-    assert {m["worker"] for m in manifest if m["status"] == "ok"} == {"local-0", "local-1"}
+    # the driver is worker 0 and starts at once; the spawned worker takes rows from the shared queue once loaded
+    # (on this 6-row table it may find none left: the spawned path alone is tested below)
+    assert {m["worker"] for m in manifest if m["status"] == "ok"} <= {"local-0", "local-1"}
+
+
+def with_run_local(monkeypatch, **forced):
+    """synthesize_table's run_local, called with ``forced`` keyword arguments on top of its own."""
+    real = bulk_synthesize.run_local
+    monkeypatch.setattr(bulk_synthesize, "run_local", lambda *a, **k: real(*a, **{**k, **forced}))
+
+
+def test_spawned_workers_alone_give_the_same_files_and_manifest(ckpt, local_run, tmp_path, monkeypatch, capsys):
+    """driver_works=False: both workers are spawned processes, so every row crosses the process boundary (its file
+    written there, its entry sent back over the queue)."""
+    table, out, first = local_run
+    with_run_local(monkeypatch, driver_works=False)
+    code = batch_main([table, "-o", str(tmp_path / "out"), "--model", ckpt, "--seed", "5", "--batch-size", "4",
+                       "--workers", "2", *CLI_FAST])
+    assert code == EXIT_ROWS_FAILED
+    assert "summary: 9 rows: 6 ok, 3 failed, 0 complete from an earlier run" in capsys.readouterr().out
+    assert_same_audio(out, tmp_path / "out", ["a", "b", "c", "d", "e", "7"])
+    entries = journal(tmp_path / "out")
+    assert comparable(sorted(entries, key=lambda e: e["row"])) == comparable(
+        sorted(journal(out), key=lambda e: e["row"]))
+    workers = {e["worker"] for e in entries if e["status"] == "ok"}
+    assert workers and workers <= {"local-0", "local-1"}
+
+
+def test_a_worker_that_cannot_start_leaves_its_rows_to_the_others(ckpt, local_run, tmp_path, monkeypatch, caplog):
+    """The second worker's device does not exist (cuda:7 on this machine): it fails to load its model, the driver
+    takes every row, the run completes, and a warning names the worker and the cause."""
+    table, out, _ = local_run
+    with_run_local(monkeypatch, devices=["cpu", "cuda:7"])
+    with caplog.at_level("WARNING", logger="bark"):
+        summary = synthesize_table(table, str(tmp_path / "out"), model=ckpt, seed=5, batch_size=4, **FAST)
+    assert (summary.ok, summary.failed) == (6, 3)
+    assert_same_audio(out, tmp_path / "out", ["a", "b", "c", "d", "e", "7"])
+    assert {e["worker"] for e in summary.entries if e["status"] == "ok"} == {"local-0"}
+    warned = [r.getMessage() for r in caplog.records if "worker 1: " in r.getMessage()]
+    assert len(warned) == 1 and "cuda:7" in warned[0] and "the other workers took its rows" in warned[0]
+
+
+def test_no_worker_able_to_start_ends_the_run_in_one_line(ckpt, local_run, tmp_path, monkeypatch):
+    table, _, _ = local_run
+    with_run_local(monkeypatch, devices=["cuda:7", "cuda:8"], driver_works=False)
+    with pytest.raises(BulkError) as error:
+        synthesize_table(table, str(tmp_path / "out"), model=ckpt, seed=5, batch_size=4, **FAST)
+    message = str(error.value)
+    assert "\n" not in message and "worker 0: " in message and "worker 1: " in message
+    assert message.endswith("6 rows not done: run the command again to resume")
+    assert [e["status"] for e in journal(tmp_path / "out")] == ["failed"] * 3  # the bad rows only
 
 
 def test_resume_after_sigkill_loses_nothing_and_repeats_nothing(ckpt, tmp_path):

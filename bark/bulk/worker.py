@@ -106,12 +106,24 @@ class Synthesizer:
     def _orphaned(self) -> bool:
         return self._parent is not None and os.getppid() != self._parent
 
-    def run(self, rows: Iterable[Mapping], emit: Callable[[dict], None]) -> None:
-        """Speak ``rows``; ``emit(entry)`` each row's manifest entry as the row finishes (ok or failed)."""
-        pending = deque(rows)
+    def run(self, rows: Iterable[Mapping], emit: Callable[[dict], None], window: int | None = None) -> None:
+        """Speak ``rows``; ``emit(entry)`` each row's manifest entry as the row finishes (ok or failed). ``rows`` is
+        taken lazily, a row at a time as the engine has room for it: at most ``window`` rows unfinished at once
+        (default: the engine's queue; a worker that shares its rows with others takes a batch's worth, so that no
+        worker holds back rows at the end that an idle one could run)."""
+        limit = min(window or self.engine.max_queue, self.engine.max_queue)
+        source = iter(rows)
+        pending: deque = deque()  # taken from the source, refused by a full engine queue: submitted first next time
+        more = True
         inflight: list[tuple[Mapping, object]] = []
-        while pending or inflight:
-            while pending and len(inflight) < self.engine.max_queue:
+        while pending or more or inflight:
+            while len(inflight) < limit:
+                if not pending:
+                    row = next(source, None) if more else None
+                    if row is None:
+                        more = False
+                        break
+                    pending.append(row)
                 row = pending.popleft()
                 try:
                     handle = self.engine.submit(self._request(row))
@@ -126,6 +138,8 @@ class Synthesizer:
                 logger.warning("bulk worker %s: the run that started it is gone; stopping", self.worker)
                 self.close()
                 os._exit(1)
+            if not inflight and not pending:
+                continue  # nothing was taken: the source is done (the loop ends) or every row failed at submit
             self._finished.clear()
             done = [(row, handle) for row, handle in inflight if handle.finished]
             if not done:
