@@ -11,7 +11,7 @@ table), greedy, ``--tokens`` semantic tokens per piece. Each configuration runs 
 directory:
 
 * ``local-1``: ``--engine local --workers 1`` (the command's own process),
-* ``local-2``: ``--engine local --workers 2`` (two worker processes over disjoint shards),
+* ``local-2``: ``--engine local --workers 2`` (the command's process and one worker process, one queue of rows),
 * ``ray-1`` / ``ray-2``: ``--engine ray`` with 1 / 2 actors on one local Ray cluster (``num_cpus=2``, started once
   after the local runs and before the Ray runs, as a cluster a user runs on is already up; its own processes would
   otherwise take CPU from the local runs).

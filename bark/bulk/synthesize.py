@@ -197,9 +197,14 @@ def synthesize_table(input_path: str, out_dir: str, options: BulkOptions | None 
                       "batch_size": options.batch_size, "format": options.format, "pause": options.pause,
                       "out_dir": os.path.abspath(out_dir)}
     if options.progress:
-        where = (f"{len(options.devices)} worker processes on {','.join(options.devices)}" if options.devices else
-                 f"{n_workers} {'Ray actor' if options.engine == 'ray' else 'worker process'}"
-                 f"{'s' if n_workers > 1 else ''}" if options.engine == "ray" or n_workers > 1 else "this process")
+        if options.engine == "ray":
+            where = f"{n_workers} Ray actor{'s' if n_workers > 1 else ''}"
+        elif options.devices or n_workers > 1:
+            n = len(options.devices) if options.devices else n_workers
+            where = (f"{n} workers (this process and {n - 1} worker process{'es' if n > 2 else ''})"
+                     + (f" on {','.join(options.devices)}" if options.devices else ""))
+        else:
+            where = "this process"
         print(f"bulk: {len(rows)} rows: {len(todo)} to run, {skipped} complete from an earlier run, {len(bad)} bad; "
               f"model {setup.name} [{device}, {str(dtype).replace('torch.', '')}, attn={options.attn}] in {where}"
               + (f", {threads} thread{'s' if threads != 1 else ''} each" if threads else ""), file=sys.stderr,

@@ -88,9 +88,10 @@ def build_batch_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument("--engine", default="local", choices=ENGINES,
                         help="local: this machine; ray: a Ray cluster (pip install 'bark-kernels[ray]')")
     parser.add_argument("--workers", type=positive_int, default=1,
-                        help="worker processes (local) or Ray actors, each with its own model (default: 1)")
+                        help="workers (local: this process and N - 1 worker processes, taking rows from one queue) "
+                             "or Ray actors, each with its own model (default: 1)")
     parser.add_argument("--devices", type=_device_list, default=None,
-                        help="local engine: one worker process per device, e.g. cuda:0,cuda:1")
+                        help="local engine: one worker per device (this process on the first), e.g. cuda:0,cuda:1")
     parser.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     parser.add_argument("--gpus-per-worker", type=_non_negative_float, default=0.0,
                         help="GPUs per Ray actor (default: 0)")
