@@ -1,10 +1,13 @@
 """Engine benchmark: 8 concurrent one-sentence requests through ``bark.Engine`` vs the same 8 one after another.
 
 ``python -m benchmarks.engine [--out DIR] [--pairs 3] [--requests 8] [--layers 4] [--threads 1]
-[--semantic-tokens 128] [--greedy]``
+[--semantic-tokens 128] [--greedy] [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--max-wait 0.05]``
 
 The model is the built-in random one with bark-small's widths (768 wide, 12 heads) and ``--layers`` layers per
-sub-model, fp32 on the CPU, ``torch.set_num_threads(--threads)``. Each request is one sentence in a random voice preset,
+sub-model, fp32 on the CPU, ``torch.set_num_threads(--threads)`` (on a GPU: fp16 unless ``--dtype``; the GPU
+first-light command runs it with 12 layers, bark-small itself, as its ``engine`` step). The server's batching
+(bark.serve) is this engine's: concurrent vs one-after-another here is the server's ``--max-batch 8`` vs 1 without
+HTTP. Each request is one sentence in a random voice preset,
 sampled with its own seed (``seed=i``: the engine gives each piece its own random stream, so the rows batch together
 and each one's tokens do not depend on the batch). A random model does not stop by itself, so every request runs to
 ``--semantic-tokens`` semantic tokens: 128 by default, 2.6 s of speech at Bark's 49.9 Hz, what a trained model says
@@ -23,9 +26,10 @@ requests therefore gain more; at 8 semantic tokens the two modes tie (1.01x).
 
 Each pair runs both modes back to back (the order swaps every other pair), with one warm-up run of each first; the
 speed-up is taken within a pair (sequential wall time / concurrent wall time), and the median over pairs is reported.
-Both modes must give every request the same tokens (checked). Recorded: each run's wall time, the batches the engine
+Both modes must give every request the same tokens (checked; on a GPU in half precision a batch of another size may
+run other kernels, so a flip is recorded, not a failure). Recorded: each run's wall time, the batches the engine
 ran, the 1-minute load average (``os.getloadavg``) and ``uptime`` before and after, the process's CPU seconds, and the
-versions. Results go to ``DIR/engine.json`` (DIR defaults to benchmarks/results/<date>-cpu-engine).
+versions. Results go to ``DIR/engine.json`` (DIR defaults to benchmarks/results/<date>-cpu-engine, or -gpu-engine).
 """
 
 from __future__ import annotations
@@ -77,13 +81,17 @@ def _load() -> float | None:
         return None
 
 
-def build_model(layers: int, seed: int = 0):
+def build_model(layers: int, seed: int = 0, hidden: int = 768):
+    """The random model: bark-small's config with ``layers`` layers per sub-model (and ``hidden`` wide, 64 per head:
+    the CPU rehearsal of the GPU command uses a narrow one)."""
     import bark
     from bark import config as bark_config
 
     config = bark_config.bark_small_config()
     for sub in (config.semantic_config, config.coarse_acoustics_config, config.fine_acoustics_config):
         sub.num_layers = layers
+        if hidden != sub.hidden_size:
+            sub.hidden_size, sub.num_heads = hidden, max(1, hidden // 64)
     torch.manual_seed(seed)
     model = bark.BarkModel(config, attn_implementation="sdpa").eval()
     return model
@@ -144,36 +152,61 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--semantic-tokens", type=int, default=128)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of seeded sampling")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                        help="the model's dtype (default: float32 on a CPU, float16 on a GPU)")
+    parser.add_argument("--hidden", type=int, default=768, help="model width (default 768, bark-small's; 64 per head)")
+    parser.add_argument("--max-wait", type=float, default=0.05,
+                        help="seconds the engine waits to fill a batch (default 0.05)")
     args = parser.parse_args(argv)
+    for name in ("pairs", "requests", "layers", "threads", "semantic_tokens", "hidden"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
     import bark
     import transformers
+    from bark_kernels.devices import parse_device
 
-    out = args.out or ROOT / "benchmarks" / "results" / f"{datetime.date.today().isoformat()}-cpu-engine"
+    try:
+        device = parse_device(args.device, "--device")
+    except (ValueError, TypeError, RuntimeError) as error:
+        parser.error(str(error))
+    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "float16"))
+    where = "cpu" if device.type == "cpu" else "gpu"
+    out = args.out or ROOT / "benchmarks" / "results" / f"{datetime.date.today().isoformat()}-{where}-engine"
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    model = build_model(args.layers)
+    if args.hidden % 64:
+        parser.error(f"--hidden: expected a multiple of 64, got {args.hidden}")
+    model = build_model(args.layers, hidden=args.hidden).to(device=device, dtype=dtype)
     processor = bark.longform.ByteTextEncoder()
     kwargs = {"semantic_max_new_tokens": args.semantic_tokens, "do_sample": not args.greedy}
     requests = [bark.SpeechRequest(SENTENCES[i % len(SENTENCES)], voice=_voice(model, i), seed=i)
                 for i in range(args.requests)]
 
     def factory(on_batch, callback):
-        return bark.Engine(model, processor, max_batch=args.requests, max_wait=0.05, generate_kwargs=kwargs,
+        return bark.Engine(model, processor, max_batch=args.requests, max_wait=args.max_wait, generate_kwargs=kwargs,
                            on_batch=on_batch, callback=callback)
 
     record = {
         "benchmark": "engine", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "settings": {**vars(args), "out": str(out), "model": f"random bark-small widths, {args.layers} layers, fp32",
+        "settings": {**vars(args), "out": str(out), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                     "model": f"random bark-small config, {args.hidden} wide, {args.layers} layers, "
+                              f"{str(dtype).replace('torch.', '')}",
                      "generate_kwargs": kwargs, "max_batch": args.requests},
         "machine": {"platform": platform.platform(), "processor": cpu_model(), "cpus": os.cpu_count(),
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                    "torch_cuda": torch.version.cuda,
                     "python": platform.python_version(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "numpy": np.__version__,
                     "torch_threads": torch.get_num_threads()},
         "uptime_before": _uptime(), "runs": [], "pairs": [],
     }
     print(f"uptime: {record['uptime_before']}", flush=True)
-    for mode in ("sequential", "concurrent"):  # warm-up: sessions, allocator, first-call costs
-        run_mode(factory, requests[:2], mode)
+    # warm-up: sessions, allocator, first-call costs; on a GPU with every request, so that the batch sizes measured
+    # below have their CUDA graphs captured and their kernels compiled already (a CPU run keeps it short)
+    warm = requests[:2] if device.type == "cpu" else requests
+    for mode in ("sequential", "concurrent"):
+        run_mode(factory, warm, mode)
         print(f"warm-up {mode} done", flush=True)
     reference = None
     for pair in range(args.pairs):
@@ -202,7 +235,13 @@ def main(argv=None) -> int:
     (out / "engine.json").write_text(json.dumps(record, indent=1))
     print(f"median speed-up {record['median_speedup']:.2f}x over {args.pairs} pairs; tokens equal in every run: "
           f"{record['all_tokens_equal']}; uptime after: {record['uptime_after']}")
-    return 0 if record["all_tokens_equal"] else 1
+    if record["all_tokens_equal"] or device.type == "cpu":
+        return 0 if record["all_tokens_equal"] else 1
+    # On a GPU a batch of another size may run other matmul kernels (another summation order): in half precision
+    # a sampled token can then flip where two candidates are within rounding. Recorded, not a failure of the run.
+    print("note: on this GPU a request batched with others did not always get the tokens it gets alone "
+          "(half-precision rounding of other kernels); see engine.json", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ as it finishes:
             backend), then the rest of the suite (``-m "not gpu"``) on the time left; one JUnit XML; the run fails if a
             backend that should be there (triton and cuda on a GPU) is not; a test that kills its worker is rerun
             alone under cuda-gdb
+  engine    batching across callers (benchmarks/engine.py): 8 concurrent one-sentence requests through bark.Engine vs
+            the same 8 one after another, bark-small fp16 (random weights, 128 semantic tokens each): the speed-up, the
+            stage seconds, and whether each request got the tokens it gets alone
   kernels   kernel timings vs SDPA's kernels at Bark's shapes (``python -m benchmarks --skip-e2e``)
   check     ``bark-kernels check`` on every device (CPU: ``--interpret``)
   sanitize  compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) and racecheck over
@@ -40,6 +43,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -50,11 +54,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STEP_NAMES = ["env", "build", "decode", "e2e", "tests", "kernels", "check", "sanitize", "longform"]
+STEP_NAMES = ["env", "build", "decode", "e2e", "tests", "engine", "kernels", "check", "sanitize", "longform"]
 # Share of the GPU budget each step may take at most (and the least it needs to be worth starting), seconds at the
 # default 540 s budget; scaled with --budget. Unused time flows to the later steps.
 CAPS = {"env": (30, 5), "build": (150, 20), "decode": (150, 15), "e2e": (120, 20), "tests": (210, 20),
-        "kernels": (90, 20), "check": (60, 10), "sanitize": (150, 20), "longform": (90, 30)}
+        "engine": (60, 20), "kernels": (90, 20), "check": (60, 10), "sanitize": (150, 20), "longform": (90, 30)}
+# the engine step on a GPU: 8 concurrent one-sentence requests vs the same 8 one after another, bark-small's shapes in
+# fp16 (benchmarks/engine.py); the server's batching without HTTP (issue 20's GPU target: >= 4x at 8 clients)
+GPU_ENGINE_ARGS = ["--device", "cuda", "--dtype", "float16", "--layers", "12", "--pairs", "2", "--requests", "8",
+                   "--semantic-tokens", "128", "--max-wait", "0.02"]
+CPU_ENGINE_ARGS = ["--layers", "1", "--hidden", "64", "--pairs", "1", "--requests", "2", "--semantic-tokens", "8",
+                   "--threads", "1"]
 # the decode step on a GPU: the modes and cases the headline needs (benchmarks/decode.py)
 GPU_DECODE_ARGS = ["--models", "bark-small,bark", "--batches", "1,8",
                    "--modes", "eager,graph,session-graph,session-fused,session-compile"]
@@ -631,6 +641,35 @@ def step_longform(s: Session, deadline: float) -> StepResult:
     return r
 
 
+def step_engine(s: Session, deadline: float) -> StepResult:
+    r = s.results["engine"]
+    out_dir = s.work / "engine"
+    argv = [s.python, "-m", "benchmarks.engine", "--out", str(out_dir)] + (CPU_ENGINE_ARGS if s.cpu
+                                                                            else GPU_ENGINE_ARGS)
+    r.command = " ".join(argv)
+    rc, timed_out, out = s.run("engine", argv, "engine.log", deadline)
+    r.rc = rc
+    path = out_dir / "engine.json"
+    if path.exists():  # written after every pair: a run cut short still has its finished pairs
+        payload = json.loads(path.read_text())
+        r.figures["model"] = payload.get("settings", {}).get("model")
+        r.figures["requests"] = payload.get("settings", {}).get("requests")
+        r.figures["pairs"] = payload.get("pairs", [])
+        speedups = [p["speedup"] for p in r.figures["pairs"]]
+        if speedups:
+            r.figures["median_speedup"] = round(statistics.median(speedups), 3)
+        runs = payload.get("runs", [])
+        r.figures["same_tokens"] = all(x.get("same_tokens_as_first_run") for x in runs) if runs else None
+        r.figures["runs"] = [{"mode": x["mode"], "pair": x["pair"], "wall_s": x["wall_s"], "batches": x["batches"],
+                              "stages_s": x.get("stages_s"), "same_tokens": x.get("same_tokens_as_first_run")}
+                             for x in runs]
+    measured = bool(r.figures.get("pairs"))
+    r.status = "timeout" if timed_out else ("ok" if rc == 0 and measured else "failed")
+    if r.status != "ok" or r.figures.get("same_tokens") is False:
+        r.note = _tail(out, 12)
+    return r
+
+
 def _last_line(text: str, marker: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if marker in ln]
     return lines[-1] if lines else ""
@@ -727,6 +766,18 @@ def summary_markdown(s: Session) -> str:
     z = s.results["sanitize"].figures
     if z:
         lines += ["### compute-sanitizer", ""] + [f"- {key}: {val}" for key, val in z.items()] + [""]
+    en = s.results["engine"].figures
+    if en.get("pairs"):
+        lines += [f"### Engine: {en.get('requests')} concurrent requests vs one after another ({en.get('model')})", "",
+                  "| pair | mode | wall s | batches | stage seconds | same tokens as alone |",
+                  "|---|---|---|---|---|---|"]
+        for x in en.get("runs", []):
+            stages = ", ".join(f"{k} {v}" for k, v in (x.get("stages_s") or {}).items())
+            lines.append(f"| {x['pair']} | {x['mode']} | {_num(x['wall_s'], 3)} | {x['batches']} | {stages} | "
+                         f"{x['same_tokens']} |")
+        lines.append(f"\nConcurrent {_num(en.get('median_speedup'))}x sooner (median over {len(en['pairs'])} pairs; "
+                     "issue 20's GPU target: >= 4x).")
+        lines.append("")
     lf = s.results["longform"].figures
     if lf.get("runs"):
         lines += [f"### Long-form ({lf.get('characters')} characters, {lf.get('pieces')} pieces, {lf.get('model')} "
@@ -817,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cpu else None)
     runners = {"env": step_env, "build": step_build, "check": step_check,
                "tests": lambda s_, d: step_tests(s_, d, selection), "decode": step_decode, "e2e": step_e2e,
-               "kernels": step_kernels, "sanitize": step_sanitize, "longform": step_longform}
+               "kernels": step_kernels, "sanitize": step_sanitize, "longform": step_longform, "engine": step_engine}
     for name in STEP_NAMES:
         r = s.results[name]
         if name not in steps:

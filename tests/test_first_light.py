@@ -52,6 +52,20 @@ def test_deadline_cut_still_leaves_a_complete_summary(tmp_path):
     assert "full summary:" in res.stdout
 
 
+def test_engine_step_measures_batching_across_callers(tmp_path):
+    """The engine step (CPU rehearsal: a narrow 1-layer model, 2 requests): the pairs' speed-up, each run's batches
+    (one batch of 2 concurrent, two of 1 one after another) and that each request got the tokens it gets alone."""
+    res = _run(tmp_path, "--budget", "120", "--steps", "engine", "--caps", "engine=100", timeout=200)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    steps = _check_complete(tmp_path, ["engine"])
+    figures = steps["engine"]["figures"]
+    assert steps["engine"]["status"] == "ok" and figures["same_tokens"] is True
+    assert len(figures["pairs"]) == 1 and figures["median_speedup"] == figures["pairs"][0]["speedup"] > 0
+    assert sorted(x["batches"] for x in figures["runs"]) == [[1, 1], [2]]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "### Engine: 2 concurrent requests vs one after another" in summary and "GPU target: >= 4x" in summary
+
+
 def test_bad_arguments_are_refused(tmp_path):
     res = _run(tmp_path, "--steps", "env,frobnicate", timeout=60)
     assert res.returncode == 2 and "--steps: unknown ['frobnicate']" in res.stderr
@@ -93,6 +107,9 @@ def test_version_2_measures_the_headline_first():
     order = fl.STEP_NAMES
     assert order[:5] == ["env", "build", "decode", "e2e", "tests"] and order[-2:] == ["sanitize", "longform"]
     assert order.index("kernels") < order.index("sanitize")
+    assert order.index("tests") < order.index("engine") < order.index("kernels")  # correct first, then the engine
+    engine = " ".join(fl.GPU_ENGINE_ARGS)
+    assert "--device cuda" in engine and "--layers 12" in engine and "--requests 8" in engine
     args = " ".join(fl.GPU_DECODE_ARGS)
     assert "bark-small,bark" in args and "1,8" in args
     assert "eager,graph,session-graph,session-fused,session-compile" in args
@@ -146,4 +163,5 @@ def test_full_rehearsal_passes(tmp_path):
     """Every step's code path at tiny sizes, under the interpreter (what .ci/run runs)."""
     res = _run(tmp_path, "--budget", "240", timeout=400)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    _check_complete(tmp_path, ["env", "build", "decode", "e2e", "tests", "kernels", "check", "sanitize", "longform"])
+    _check_complete(tmp_path, ["env", "build", "decode", "e2e", "tests", "engine", "kernels", "check", "sanitize",
+                               "longform"])

@@ -6,7 +6,8 @@ cluster (docs/bulk.md).
 
 Modules, bottom to top: ``table`` (reading and checking the input), ``manifest`` (OUT_DIR: atomic audio files, the
 journal, the manifest, resume), ``progress``; ``worker`` (one model, one bark.Engine, rows in, files and entries out);
-``local`` (this process, or it and N - 1 worker processes) and ``ray_engine`` (Ray Data actors); ``synthesize`` (the driver).
+``local`` (this process, or it and N - 1 worker processes) and ``ray_engine`` (Ray Data actors);
+``synthesize`` (the driver).
 The command is ``bark-kernels batch`` (bark.cli.batch).
 """
 

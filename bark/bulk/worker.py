@@ -2,8 +2,9 @@
 
 The same :class:`Synthesizer` runs in the command's own process (``--engine local``), in each worker process of
 ``--workers N`` / ``--devices``, and in each Ray actor (``--engine ray``). It submits its rows to the engine (up to
-``max_queue`` unfinished at once; a batch's worth when it shares a queue of rows with other workers), so the engine batches pieces of many rows together; as each row finishes it joins
-the row's pieces, writes ``{id}.wav`` atomically and hands back the row's manifest entry (the caller journals it).
+``max_queue`` unfinished at once; a batch's worth when it shares a queue of rows with other workers), so the engine
+batches pieces of many rows together; as each row finishes it joins the row's pieces, writes ``{id}.wav`` atomically
+and hands back the row's manifest entry (the caller journals it).
 
 Rows are plain dicts (they cross process and Ray boundaries as JSON): ``row`` (1-based number in the table), ``id``,
 ``text``, ``voice``, ``seed``, ``settings`` (bark.bulk.table.SETTING_COLUMNS), ``key`` (bark.bulk.table.Row.key).
