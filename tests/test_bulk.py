@@ -302,17 +302,21 @@ def test_spawned_workers_alone_give_the_same_files_and_manifest(ckpt, local_run,
     assert workers and workers <= {"local-0", "local-1"}
 
 
-def test_a_worker_that_cannot_start_leaves_its_rows_to_the_others(ckpt, local_run, tmp_path, monkeypatch, caplog):
-    """The second worker's device does not exist (cuda:7 on this machine): it fails to load its model, the driver
-    takes every row, the run completes, and a warning names the worker and the cause."""
+@pytest.mark.parametrize("devices, failing, working", [(["cpu", "cuda:7"], 1, "local-0"),
+                                                        (["cuda:7", "cpu"], 0, "local-1")])
+def test_a_worker_that_cannot_start_leaves_its_rows_to_the_others(ckpt, local_run, tmp_path, monkeypatch, caplog,
+                                                                  devices, failing, working):
+    """One worker's device does not exist (cuda:7 on this machine): that worker (a spawned one, or the driver itself)
+    fails to load its model, the other takes every row, the run completes, and a warning names the worker and the
+    cause."""
     table, out, _ = local_run
-    with_run_local(monkeypatch, devices=["cpu", "cuda:7"])
+    with_run_local(monkeypatch, devices=devices)
     with caplog.at_level("WARNING", logger="bark"):
         summary = synthesize_table(table, str(tmp_path / "out"), model=ckpt, seed=5, batch_size=4, **FAST)
     assert (summary.ok, summary.failed) == (6, 3)
     assert_same_audio(out, tmp_path / "out", ["a", "b", "c", "d", "e", "7"])
-    assert {e["worker"] for e in summary.entries if e["status"] == "ok"} == {"local-0"}
-    warned = [r.getMessage() for r in caplog.records if "worker 1: " in r.getMessage()]
+    assert {e["worker"] for e in summary.entries if e["status"] == "ok"} == {working}
+    warned = [r.getMessage() for r in caplog.records if f"worker {failing}: " in r.getMessage()]
     assert len(warned) == 1 and "cuda:7" in warned[0] and "the other workers took its rows" in warned[0]
 
 

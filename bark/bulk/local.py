@@ -73,10 +73,9 @@ def run_local(rows: Sequence[Mapping], options: Mapping, emit: Callable[[dict], 
             try:
                 _run_here(_pull(tasks), {**options, "device": devices[0] if devices else options.get("device"),
                                          "worker": "local-0"}, locked_emit, window=_window(options))
-            except BulkError:
-                raise
-            except Exception as error:  # the driver's own model did not load: the other workers cannot be told
-                raise BulkError(f"worker 0: {one_line(error)}") from error
+            except Exception as error:  # noqa: BLE001 - as a spawned worker's: the others take the rows left
+                with lock:
+                    collector.problems.append(f"worker 0: {one_line(error)}")
         thread.join()
     finally:
         collector.stop.set()
