@@ -38,6 +38,12 @@ __all__ = ["BarkCausalModel"]
 logger = logging.getLogger(__name__)
 
 
+def _check_layout(cache: KVCache) -> None:
+    if cache.heads_first:
+        raise ValueError("cache: a heads-first cache is the CPU decode session's own (prefill_rows and its steps); "
+                         "prefill, prefill_varlen and decode_step take the default (B, S, H, D) layout")
+
+
 class BarkCausalModel(nn.Module):
     """GPT-style causal model (Bark's semantic and coarse sub-models).
 
@@ -105,6 +111,7 @@ class BarkCausalModel(nn.Module):
         """Rows of equal length T starting at position 0: input_embeds (B, T, C) -> final-normed hidden of the last
         position (B, C). Keys/values go to cache rows 0..T-1; the cache's lengths become T."""
         batch, seqlen, _ = input_embeds.shape
+        _check_layout(cache)
         if cache.batch != batch:
             raise ValueError(f"cache: expected batch {batch} (the batch of input_embeds), got {cache.batch}")
         self._check_positions(seqlen)
@@ -141,6 +148,7 @@ class BarkCausalModel(nn.Module):
         """Ragged rows, each starting at position 0: input_embeds[b] (T_b, C) -> final-normed hidden of each row's
         last position (B, C). Packed without padding through ``bk.attention_varlen``; keys/values of row b go to
         cache rows 0..T_b-1 and its length becomes T_b."""
+        _check_layout(cache)
         lengths = self._ragged_lengths(input_embeds, cache)
         device = input_embeds[0].device
         positions = torch.cat([torch.arange(n, device=device) for n in lengths])  # (total,)
@@ -180,9 +188,13 @@ class BarkCausalModel(nn.Module):
             hidden = embeds[None] + self.position_embeds_layer(positions)[None]  # (1, T_b, C)
 
             def attend(q, k, v, layer_idx, row=row, seqlen=seqlen):  # (1, T_b, H, D)
-                k_cache, v_cache = cache.layer(layer_idx)  # (B, S_max, H, D)
-                k_cache[row, :seqlen].copy_(k[0])
-                v_cache[row, :seqlen].copy_(v[0])
+                k_cache, v_cache = cache.layer(layer_idx)  # (B, S_max, H, D), or (B, H, S_max, D) heads first
+                if cache.heads_first:
+                    k_cache[row, :, :seqlen].copy_(k[0].transpose(0, 1))
+                    v_cache[row, :, :seqlen].copy_(v[0].transpose(0, 1))
+                else:
+                    k_cache[row, :seqlen].copy_(k[0])
+                    v_cache[row, :seqlen].copy_(v[0])
                 return bk.attention(q, k, v, causal=True, backend=backend)
 
             last.append(self._run_layers(hidden, attend)[0, -1])  # (C,)
@@ -197,6 +209,7 @@ class BarkCausalModel(nn.Module):
         if input_ids.dim() != 1 or input_ids.shape[0] != cache.batch:
             raise ValueError(f"input_ids: expected shape ({cache.batch},) (one token per cache row), "
                              f"got {tuple(input_ids.shape)}")
+        _check_layout(cache)
         cache.check_room(1)
         if max(cache.host_seqlens) + 1 > self.config.block_size:
             raise ValueError(f"sequence too long: position {max(cache.host_seqlens)} is past the model's block_size "

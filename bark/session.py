@@ -147,18 +147,15 @@ class DecodeSession:
         cfg = model.config
         if max_seqlen > cfg.block_size:
             raise ValueError(f"max_seqlen: {max_seqlen} positions exceed the model's block_size {cfg.block_size}")
-        self.cache = KVCache(cfg.num_layers, batch, max_seqlen, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
-        self._k_layers = [self.cache.k[i] for i in range(cfg.num_layers)]  # per-layer (B, S_max, H, D) views
-        self._v_layers = [self.cache.v[i] for i in range(cfg.num_layers)]
+        self.max_seqlen = max_seqlen
         self.backend, self._op = resolve_decode_attention(model, self.device, self.dtype)
         self.softmax_scale = cfg.head_dim ** -0.5
         self.heads = list(heads)
         self.generators = [g for g in generators if g is not None]
         self.tokens = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,) input of the next step
-        # CPU + sdpa: attend with host-known lengths (see _attend_host); every other case: the backend op on the
-        # device lengths (static shapes, capturable)
-        self.host_lengths = self.device.type == "cpu" and self.backend == "sdpa" and self.mode == "eager"
-        self._attend = self._attend_host if self.host_lengths else self._attend_device
+        # CPU + sdpa: attend with host-known lengths (see _attend_host) on a heads-first cache; every other case: the
+        # backend op on the device lengths (static shapes, capturable)
+        self._set_host_lengths(self.device.type == "cpu" and self.backend == "sdpa" and self.mode == "eager")
         self._host_ctx: tuple | None = None
         self._live: list[int] | None = None  # host mode: the rows whose next tokens are used (None: every row)
         self._runners: dict[int, Callable[[], None]] = {}
@@ -175,6 +172,17 @@ class DecodeSession:
             if reason is not None:
                 raise ValueError(f"decode_mode: 'fused' cannot run the {type(model).__name__} in {self.dtype} on "
                                  f"{self.device.type}: {reason}")
+
+    def _set_host_lengths(self, host: bool) -> None:
+        """The attention path and the cache it needs: host lengths on a heads-first cache (B, H, S_max, D) per layer,
+        whose (row, head) blocks SDPA's CPU kernel reads twice as fast; else the backend op's (B, S_max, H, D)."""
+        cfg = self.model.config
+        self.host_lengths = host
+        self.cache = KVCache(cfg.num_layers, self.batch, self.max_seqlen, cfg.num_heads, cfg.head_dim, self.dtype,
+                             self.device, heads_first=host)
+        self._k_layers = [self.cache.k[i] for i in range(cfg.num_layers)]  # per-layer views
+        self._v_layers = [self.cache.v[i] for i in range(cfg.num_layers)]
+        self._attend = self._attend_host if host else self._attend_device
 
     # -- the step ------------------------------------------------------------------------------------------------------
 
@@ -206,23 +214,20 @@ class DecodeSession:
     def _attend_host(self, q, k, v, layer: int) -> torch.Tensor:
         """CPU + sdpa: append at host-known positions and attend to the used prefix of the cache only."""
         uniform, per_row = self._host_ctx
-        k_cache, v_cache = self._k_layers[layer], self._v_layers[layer]
+        k_cache, v_cache = self._k_layers[layer], self._v_layers[layer]  # (B, H, S_max, D): heads first
         if uniform is not None:
-            k_cache[:, uniform] = k[:, 0]  # (B, H, D)
-            v_cache[:, uniform] = v[:, 0]
+            k_cache[:, :, uniform] = k[:, 0]  # (B, H, D)
+            v_cache[:, :, uniform] = v[:, 0]
             used = uniform + 1
-            keys = k_cache[:, :used].transpose(1, 2)  # (B, H, used, D)
-            values = v_cache[:, :used].transpose(1, 2)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :, :used], v_cache[:, :, :used],
                                                  scale=self.softmax_scale)  # (B, H, 1, D)
             return out.transpose(1, 2)  # (B, 1, H, D)
         out = q.new_zeros(q.shape[0], q.shape[2], 1, q.shape[3])  # (B, H, 1, D): rows not live stay 0
         for b, used in per_row:
-            k_cache[b, used - 1] = k[b, 0]  # (H, D)
-            v_cache[b, used - 1] = v[b, 0]
-            keys = k_cache[b:b + 1, :used].transpose(1, 2)  # (1, H, used, D)
-            values = v_cache[b:b + 1, :used].transpose(1, 2)
-            out[b:b + 1] = F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), keys, values,
+            k_cache[b, :, used - 1] = k[b, 0]  # (H, D)
+            v_cache[b, :, used - 1] = v[b, 0]
+            out[b:b + 1] = F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), k_cache[b:b + 1, :, :used],
+                                                          v_cache[b:b + 1, :, :used],
                                                           scale=self.softmax_scale)  # (1, H, 1, D)
         return out.transpose(1, 2)  # (B, 1, H, D)
 

@@ -150,6 +150,31 @@ def test_kv_cache_bookkeeping():
     assert bool((cache.k[:, 0] == 7.0).all()) and not bool((cache.k[:, 1] == 7.0).any())
     with pytest.raises(ValueError, match="lengths"):
         cache.set_lengths([1, 2, 3])
+    heads = KVCache(2, 3, 5, 2, 4, torch.float32, "cpu", heads_first=True)
+    assert heads.heads_first and heads.layer(1)[0].shape == (3, 2, 5, 4) and heads.layer(1)[0].is_contiguous()
+    heads.k[:, 2].fill_(7.0)
+    heads.select_rows([2])
+    assert heads.batch == 1 and bool((heads.k == 7.0).all())
+
+
+def test_heads_first_cache_holds_what_the_default_one_does(tiny):
+    """prefill_rows (the CPU session's prefill) writes the same keys and values into a heads-first cache, transposed;
+    the batch ops refuse that layout with a clear error instead of writing it wrong."""
+    _, ours = tiny
+    semantic = ours.semantic
+    ragged = [torch.randn(n, semantic.config.hidden_size, generator=torch.Generator().manual_seed(n)) for n in (3, 6)]
+    cfg = semantic.config
+    default = semantic.new_cache(2, 8)
+    heads = KVCache(cfg.num_layers, 2, 8, cfg.num_heads, cfg.head_dim, torch.float32, "cpu", heads_first=True)
+    with torch.no_grad():
+        a = semantic.prefill_rows(ragged, default)
+        b = semantic.prefill_rows(ragged, heads)
+    assert torch.equal(a, b) and heads.host_seqlens == default.host_seqlens == [3, 6]
+    assert torch.equal(heads.k.transpose(2, 3), default.k) and torch.equal(heads.v.transpose(2, 3), default.v)
+    with pytest.raises(ValueError, match="heads-first"):
+        semantic.prefill(ragged[0][None], heads)
+    with pytest.raises(ValueError, match="heads-first"):
+        semantic.decode_step(torch.zeros(2, dtype=torch.long), heads)
 
 
 def test_attn_implementation_mapping(tiny):

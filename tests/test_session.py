@@ -142,9 +142,9 @@ def test_host_lengths_path_equals_the_device_path(model):
     out = {}
     for host in (True, False):
         session, record, _ = _semantic_session(model, 3, "eager", "sdpa")
-        assert session.host_lengths
-        session.host_lengths = host
-        session._attend = session._attend_host if host else session._attend_device
+        assert session.host_lengths and session.cache.heads_first
+        session._set_host_lengths(host)  # the device path on its own (B, S, H, D) cache
+        assert session.cache.heads_first == host
         g = torch.Generator().manual_seed(2)
         ragged = [torch.randn(n, semantic.config.hidden_size, generator=g) for n in (4, 9, 6)]
         session.prefill(ragged)
