@@ -19,7 +19,8 @@ How a step runs (``mode``):
 * ``"eager"``: the step function called from Python. On a CPU with the ``sdpa`` backend the session attends with
   host-known lengths: rows of equal length attend together to the used prefix of the cache; otherwise each row
   attends alone to its own prefix (no mask), and rows whose tokens are not needed (``set_live``) not at all. Prompts
-  are prefilled one row at a time. On a CPU the compute-bound prefill and the memory-bound reads of the cached keys
+  are prefilled one row at a time. The cache is then heads first, (B, H, S_max, D) per layer: each (row, head)'s
+  keys one contiguous block, which SDPA's CPU kernel reads twice as fast as the backend ops' (B, S_max, H, D). On a CPU the compute-bound prefill and the memory-bound reads of the cached keys
   and values gain nothing from a batch (a batch of 8 prefills slower than 8 rows one by one: the activations leave
   the cache), so only the weight reads of a step are shared; and each row's attention is then the very call it gets
   when decoded alone;
