@@ -18,8 +18,10 @@ directory:
 
 Recorded per run: wall seconds of the whole call (model loads, process or actor start-up included: what a user
 waits for), rows/s and audio-s per wall-s over that wall time, and a steady-state rows/s
-(``BulkSummary.steady_rows_per_second``: the rows finished once every worker had its model loaded, over the time from
-then to the last row; what a table of thousands of rows sees, where start-up is amortised). Derived from the same
+(``BulkSummary.steady_rows_per_second``: the sum over workers of each one's rows over the time from its model being
+loaded to its last row; what a table of thousands of rows sees, where start-up is amortised; records before
+2026-12-07 12:00 UTC used the rows finished after the last worker was loaded, which overstates once the driver works
+while the others load). Derived from the same
 record only: scaling (2 workers / 1 worker, steady and end to end) for each engine, and Ray against local at 2
 workers; the targets (2 workers >= 1.6x one, Ray within 15% of local) are judged on both. The files of every run
 must equal local-1's (greedy rows equal themselves alone): checked. The load

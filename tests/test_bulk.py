@@ -444,6 +444,21 @@ def test_a_kill_s_leftovers_are_cleaned_and_a_cut_journal_line_dropped(tmp_path)
     assert [e["id"] for e in read_journal(str(out))] == ["a", "c"]
 
 
+def test_steady_rate_is_the_sum_of_each_worker_s_own_rate():
+    """Worker a loaded at t=0 and finished 10 rows by t=5 (2 rows/s); worker b loaded at t=3 and finished 4 rows by
+    t=5 (2 rows/s): 4 rows/s together, whatever a was doing while b loaded. No row after a load: no figure."""
+    from bark.bulk.synthesize import BulkSummary
+
+    def summary(timings):
+        return BulkSummary(rows=0, skipped=0, ok=0, failed=0, audio_seconds=0.0, wall_seconds=0.0, manifest="",
+                           timings=timings)
+
+    timings = [("a", 0.0, 0.5 * (i + 1)) for i in range(10)] + [("b", 3.0, 3.0 + 0.5 * (i + 1)) for i in range(4)]
+    assert summary(timings).steady_rows_per_second == pytest.approx(4.0)
+    assert summary([]).steady_rows_per_second is None
+    assert summary([("a", 2.0, 2.0)]).steady_rows_per_second is None
+
+
 def test_benchmark_derives_scaling_and_verdicts_only_from_its_own_runs():
     from benchmarks import bulk as bench
 

@@ -83,15 +83,16 @@ class BulkSummary:
 
     @property
     def steady_rows_per_second(self) -> float | None:
-        """Rows per second once every worker had its model loaded (start-up excluded): the rows finished after the
-        last worker became ready, over the time from then to the last row. None when too few rows for a figure."""
-        if not self.timings:
-            return None
-        start = max(ready for _, ready, _ in self.timings)
-        ends = [end for _, _, end in self.timings if end > start]
-        if len(ends) < 2 or max(ends) <= start:
-            return None
-        return len(ends) / (max(ends) - start)
+        """Rows per second with every worker loaded (start-up excluded): the sum over workers of each one's rows over
+        the time from its model being loaded to its last row. What a table of thousands of rows sees, where start-up
+        is amortised. None when no worker finished a row after it was loaded."""
+        spans: dict[str, list] = {}
+        for worker, ready, end in self.timings:
+            span = spans.setdefault(worker, [ready, ready, 0])
+            span[1] = max(span[1], end)
+            span[2] += 1
+        rates = [rows / (last - ready) for ready, last, rows in spans.values() if last > ready]
+        return sum(rates) if rates else None
 
     @property
     def complete(self) -> bool:
