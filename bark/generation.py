@@ -1016,35 +1016,36 @@ def generate_fine(model, coarse_tokens: list[torch.Tensor], histories: list[dict
         # generator, whose draws depend on the whole batch.
         cpu_rows = device.type == "cpu" and len(active) > 1
         by_row = cpu_rows and (greedy or row_seeds is not None)
+
+        def pick(n_inner: int, hidden: torch.Tensor, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            """Pass ``n_inner`` for window rows ``idx`` from their hidden states (b, win, C): (logits, codes from
+            rel_min on)."""
+            if greedy:
+                logits = fine.lm_logits(n_inner, hidden[:, rel_min:], cb)  # (b, win - rel_min, cb)
+                return logits, torch.argmax(logits, dim=-1)
+            logits = fine.lm_logits(n_inner, hidden, cb) / temperature  # (b, win, cb)
+            probs = logits.softmax(dim=-1)
+            if row_seeds is not None:  # each row's own stream: the same codes whatever rows share the batch
+                seeds = row_seeds[torch.tensor([active_rows[i] for i in idx], device=device)]  # (b,)
+                noise = row_exponentials(seeds, "fine", n_outer * n_fine + n_inner, win * cb)
+                noise = noise.view(len(idx), win, cb)[:, rel_min:]  # (b, win - rel_min, cb)
+                return logits, exponential_race(probs[:, rel_min:], noise=noise)
+            if len(set(rels)) == 1:  # one draw for the whole batch, as transformers
+                flat = probs[:, rel_min:].reshape(-1, cb)
+                return logits, torch.multinomial(flat, 1, generator=generator).view(len(idx), -1)
+            return logits, torch.stack([
+                F.pad(torch.multinomial(probs[j, rels[i]:], 1, generator=generator).view(-1),
+                      (rels[i] - rel_min, 0)) for j, i in enumerate(idx)])
+
         for n_inner in range(n_coarse, n_fine):
-
-            def pick(hidden: torch.Tensor, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-                """Window rows ``idx``'s hidden states (b, win, C) -> (logits, codes from rel_min on)."""
-                if greedy:
-                    logits = fine.lm_logits(n_inner, hidden[:, rel_min:], cb)  # (b, win - rel_min, cb)
-                    return logits, torch.argmax(logits, dim=-1)
-                logits = fine.lm_logits(n_inner, hidden, cb) / temperature  # (b, win, cb)
-                probs = logits.softmax(dim=-1)
-                if row_seeds is not None:  # each row's own stream: the same codes whatever rows share the batch
-                    seeds = row_seeds[torch.tensor([active_rows[i] for i in idx], device=device)]  # (b,)
-                    noise = row_exponentials(seeds, "fine", n_outer * n_fine + n_inner, win * cb)
-                    noise = noise.view(len(idx), win, cb)[:, rel_min:]  # (b, win - rel_min, cb)
-                    return logits, exponential_race(probs[:, rel_min:], noise=noise)
-                if len(set(rels)) == 1:  # one draw for the whole batch, as transformers
-                    flat = probs[:, rel_min:].reshape(-1, cb)
-                    return logits, torch.multinomial(flat, 1, generator=generator).view(len(idx), -1)
-                return logits, torch.stack([
-                    F.pad(torch.multinomial(probs[j, rels[i]:], 1, generator=generator).view(-1),
-                          (rels[i] - rel_min, 0)) for j, i in enumerate(idx)])
-
-            if by_row:
-                picked = [pick(fine.hidden_states(n_inner, window[i: i + 1]), [i]) for i in range(len(active))]
+            rows_hidden = (fine.hidden_states(n_inner, window[i: i + 1]) for i in range(len(active)))  # (1, win, C)
+            if by_row:  # each row's pass and pick together, while its tensors are in the caches
+                picked = [pick(n_inner, h, [i]) for i, h in enumerate(rows_hidden)]
                 logits = torch.cat([x[0] for x in picked]) if observer is not None else None
                 preds = torch.cat([x[1] for x in picked])
             else:  # a shared generator (or one row, or a GPU): one pick over the batch; on a CPU the passes by row
-                hidden = (torch.cat([fine.hidden_states(n_inner, window[i: i + 1]) for i in range(len(active))])
-                          if cpu_rows else fine.hidden_states(n_inner, window))  # (B', win, C)
-                logits, preds = pick(hidden, list(range(len(active))))
+                hidden = torch.cat(list(rows_hidden)) if cpu_rows else fine.hidden_states(n_inner, window)
+                logits, preds = pick(n_inner, hidden, list(range(len(active))))  # hidden (B', win, C)
             if observer is not None:
                 _observe_fine(observer, n_outer, n_inner, active_rows, active, starts, rel_min, win,
                               logits[:, logits.shape[1] - preds.shape[1]:], preds, keep_old)

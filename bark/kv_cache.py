@@ -5,9 +5,10 @@ cache is the contiguous view ``k[l]`` of shape (batch, max_seqlen, nheads, headd
 ``bark_kernels.attention_with_kvcache``. ``heads_first=True`` stores (num_layers, batch, nheads, max_seqlen, headdim)
 instead: each (row, head)'s keys are then one contiguous block, which a CPU decode step's SDPA reads twice as fast
 (bark.session's host path, the only user: measured 1.7 vs 3.5 ms per layer for 8 rows x 520 positions x 12 heads on
-one EPYC thread, docs/decode.md); the bark_kernels ops take only the default layout. ``seqlens`` (int32, on the device) says how many positions each row holds; a
-copy of it is kept on the host so that bounds are checked and positions are known without reading the device. A
-decode step appends in place and advances both; nothing grows with ``torch.cat`` and nothing synchronises.
+one EPYC thread, docs/decode.md); the bark_kernels ops take only the default layout. ``seqlens`` (int32, on the
+device) says how many positions each row holds; a copy of it is kept on the host so that bounds are checked and
+positions are known without reading the device. A decode step appends in place and advances both; nothing grows with
+``torch.cat`` and nothing synchronises.
 """
 
 from __future__ import annotations

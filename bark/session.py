@@ -20,10 +20,10 @@ How a step runs (``mode``):
   host-known lengths: rows of equal length attend together to the used prefix of the cache; otherwise each row
   attends alone to its own prefix (no mask), and rows whose tokens are not needed (``set_live``) not at all. Prompts
   are prefilled one row at a time. The cache is then heads first, (B, H, S_max, D) per layer: each (row, head)'s
-  keys one contiguous block, which SDPA's CPU kernel reads twice as fast as the backend ops' (B, S_max, H, D). On a CPU the compute-bound prefill and the memory-bound reads of the cached keys
-  and values gain nothing from a batch (a batch of 8 prefills slower than 8 rows one by one: the activations leave
-  the cache), so only the weight reads of a step are shared; and each row's attention is then the very call it gets
-  when decoded alone;
+  keys one contiguous block, which SDPA's CPU kernel reads twice as fast as the backend ops' (B, S_max, H, D). On a
+  CPU the compute-bound prefill and the memory-bound reads of the cached keys and values gain nothing from a batch
+  (a batch of 8 prefills slower than 8 rows one by one: the activations leave the cache), so only the weight reads
+  of a step are shared; and each row's attention is then the very call it gets when decoded alone;
 * ``"graph"`` (CUDA): each variant is warmed up (every Triton kernel compiled) and captured once as a CUDA graph, then
   replayed: one launch per step;
 * ``"compile"``: the step through ``torch.compile(fullgraph=True)``, and on CUDA captured as a graph after that;

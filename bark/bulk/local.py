@@ -36,9 +36,9 @@ def run_local(rows: Sequence[Mapping], options: Mapping, emit: Callable[[dict], 
     device of ``devices``; ``emit(entry)`` each finished row's manifest entry, in this process (one call at a time).
     ``driver_works=False`` leaves this process out of the work: all N workers are spawned processes."""
     n = len(devices) if devices else workers
+    driver_options = {**options, "device": devices[0] if devices else options.get("device"), "worker": "local-0"}
     if n <= 1 and driver_works:
-        _run_here(rows, {**options, "device": devices[0] if devices else options.get("device"), "worker": "local-0"},
-                  emit)
+        _run_here(rows, driver_options, emit)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads (or CUDA)
     tasks = context.Queue()
@@ -71,8 +71,7 @@ def run_local(rows: Sequence[Mapping], options: Mapping, emit: Callable[[dict], 
     try:
         if driver_works:
             try:
-                _run_here(_pull(tasks), {**options, "device": devices[0] if devices else options.get("device"),
-                                         "worker": "local-0"}, locked_emit, window=_window(options))
+                _run_here(_pull(tasks), driver_options, locked_emit, window=_window(options))
             except Exception as error:  # noqa: BLE001 - as a spawned worker's: the others take the rows left
                 with lock:
                     collector.problems.append(f"worker 0: {one_line(error)}")
